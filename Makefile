@@ -1,0 +1,48 @@
+# make setup : Debian packages (as root, when apt-get exists) + .venv (Python 3.11) + .venv39 (Python 3.9)
+# make test  : the whole suite on both Pythons (VM tests included; PYTEST_ARGS to narrow)
+SHELL := /bin/bash
+PY311 ?= $(shell command -v python3.11 || echo $(HOME)/.pyenv/versions/3.11.7/bin/python3.11)
+PY39  ?= $(shell ls -d $(HOME)/.pyenv/versions/3.9*/bin/python3.9 2>/dev/null | tail -1 || command -v python3.9)
+PYTEST_ARGS ?=
+APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev cryptsetup-bin efibootmgr pesign sbsigntool \
+	osslsigncode ovmf qemu-system-x86 shim-signed shim-unsigned systemd-boot-efi mtools rpm rpmlint gdisk \
+	dosfstools busybox-static cpio build-essential pkg-config libsystemd-dev libgirepository1.0-dev \
+	libcairo2-dev xz-utils zstd efitools openssl binutils util-linux
+
+.PHONY: setup apt venvs test test311 test39 bench clean
+setup: apt venvs
+
+apt:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+		if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi; \
+	else echo "not root or no apt-get: install the Debian packages yourself: $(APT_PACKAGES)"; fi
+
+venvs: .venv/.installed .venv39/.installed
+
+.venv/.installed: pyproject.toml
+	$(PY311) -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q -e '.[test]'
+	touch $@
+
+.venv39/.installed: pyproject.toml
+	$(PY39) -m venv .venv39
+	.venv39/bin/pip install -q --upgrade pip
+	.venv39/bin/pip install -q -e '.[test]'
+	touch $@
+
+test: test311 test39
+
+test311: .venv/.installed
+	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# The VM tests boot real firmware and are the same on both Pythons; run them once (on 3.11).
+test39: .venv39/.installed
+	.venv39/bin/python -m pytest -q -m 'not vm' $(PYTEST_ARGS)
+
+bench: .venv/.installed
+	.venv/bin/python -m benchmarks
+
+clean:
+	rm -rf .venv .venv39 build *.egg-info .pytest_cache .hypothesis
