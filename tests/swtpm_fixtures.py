@@ -1,0 +1,160 @@
+"""A real software TPM (swtpm) per test session, driven by tpm2-tools.
+
+The fixtures deliberately use tpm2-tools (not the code under test) for set-up, PCR
+extension and reads, so that tests compare the project's TPM code with an independent
+implementation.  Import the fixtures into a test module (``from tests.swtpm_fixtures
+import swtpm, fresh_swtpm``) or let ``tests/interop/conftest.py`` provide them.
+
+Facts this relies on (docs/testing-with-real-components.md): swtpm has no resource
+manager and serves one TCP client at a time; libtpms counts every unclean stop as a
+dictionary-attack failure, so shut down with TPM2_Shutdown(CLEAR) and relax the DA
+parameters at start; a power cycle over the control channel resets the PCRs but keeps
+the seeds, so tokens sealed earlier stay valid.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from typing import Dict, Iterator, List, Sequence
+
+import pytest
+
+REQUIRED_TOOLS = ("swtpm", "swtpm_ioctl", "tpm2_startup", "tpm2_dictionarylockout", "tpm2_shutdown",
+                  "tpm2_pcrextend", "tpm2_pcrread", "tpm2_flushcontext")
+
+
+def missing_tools(tools: Sequence[str]) -> List[str]:
+    return [t for t in tools if shutil.which(t) is None]
+
+
+def free_port_pair() -> int:
+    """A free loopback port P with P+1 also free: libtss2's swtpm TCTI always talks to
+    the control channel on P+1."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free pair of loopback ports")
+
+
+class Swtpm:
+    """One swtpm process over a state directory; PCRs can be reset, seeds persist."""
+
+    def __init__(self, state_dir: str):
+        self.state_dir = state_dir
+        self.port = 0
+        self.ctrl_port = 0
+        self.process = None
+
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:host=127.0.0.1,port={self.port}"
+
+    def tool(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([argv[0], "-T", self.tcti, *argv[1:]], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, timeout=60)
+        if check and result.returncode:
+            raise RuntimeError(f"{' '.join(result.args)} exited {result.returncode}: {result.stderr}")
+        return result
+
+    def start(self) -> None:
+        os.makedirs(self.state_dir, exist_ok=True)
+        for _ in range(5):
+            self.port = free_port_pair()
+            self.ctrl_port = self.port + 1
+            self.process = subprocess.Popen(
+                ["swtpm", "socket", "--tpm2",
+                 "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                 "--ctrl", f"type=tcp,port={self.ctrl_port},bindaddr=127.0.0.1",
+                 "--tpmstate", f"dir={self.state_dir}", "--flags", "not-need-init,startup-clear"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            if self._wait_listening():
+                break
+            self.process.kill()
+            self.process.wait()
+        else:
+            raise RuntimeError("swtpm did not start on any free port")
+        self.tool("tpm2_dictionarylockout", "--clear-lockout")
+        self.tool("tpm2_dictionarylockout", "--setup-parameters", "--max-tries=1000",
+                  "--recovery-time=0", "--lockout-recovery-time=0")
+
+    def _wait_listening(self) -> bool:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            try:
+                with socket.create_connection(("127.0.0.1", self.ctrl_port), timeout=0.5):
+                    return True
+            except OSError:
+                time.sleep(0.05)
+        return False
+
+    def power_cycle(self) -> None:
+        """Reset all PCRs (a reboot) while keeping the seeds."""
+        self.tool("tpm2_shutdown", "-c")
+        subprocess.run(["swtpm_ioctl", "--tcp", f"127.0.0.1:{self.ctrl_port}", "-i"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
+        self.tool("tpm2_startup", "-c")
+
+    def flush_all(self) -> None:
+        """Flush leftover transient objects and sessions (systemd 252 leaks a session per unseal)."""
+        for kind in ("-t", "-l", "-s"):
+            self.tool("tpm2_flushcontext", kind, check=False)
+
+    def extend(self, pcr: int, sha256_digest: bytes) -> None:
+        self.tool("tpm2_pcrextend", f"{pcr}:sha256={sha256_digest.hex()}")
+
+    def read_sha256(self, pcrs: Sequence[int]) -> Dict[int, bytes]:
+        out = self.tool("tpm2_pcrread", "sha256:" + ",".join(str(p) for p in pcrs)).stdout
+        values: Dict[int, bytes] = {}
+        for line in out.splitlines():
+            name, _, value = line.strip().partition(":")
+            if value.strip().startswith("0x"):
+                values[int(name)] = bytes.fromhex(value.strip()[2:])
+        return values
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.tool("tpm2_shutdown", "-c", check=False)
+            subprocess.run(["swtpm_ioctl", "--tcp", f"127.0.0.1:{self.ctrl_port}", "-s"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def swtpm(tmp_path_factory) -> Iterator[Swtpm]:
+    """One swtpm for the whole session.  Tests that need known PCRs use fresh_swtpm."""
+    missing = missing_tools(REQUIRED_TOOLS)
+    if missing:
+        pytest.skip(f"swtpm/tpm2-tools not installed: {', '.join(missing)}")
+    tpm = Swtpm(str(tmp_path_factory.mktemp("swtpm-state")))
+    tpm.start()
+    try:
+        yield tpm
+    finally:
+        tpm.stop()
+
+
+@pytest.fixture
+def fresh_swtpm(swtpm: Swtpm) -> Swtpm:
+    """The session swtpm after a power cycle: all PCRs at their reset value, no handles."""
+    swtpm.power_cycle()
+    return swtpm
