@@ -1,0 +1,92 @@
+"""Read boot images and Secure Boot state from the machine into measurement inputs.
+
+Files are memory-mapped read-only: a 100 MiB UKI is hashed without being read into memory.
+"""
+
+import contextlib
+import mmap
+import struct
+from typing import Dict, Iterator, Optional, Sequence, Tuple
+
+from rhel_cvm_update.boot_events import ImageMeasurement
+from rhel_cvm_update.errors import FormatError
+from rhel_cvm_update.formats.pe import PEImage, authenticode_digests, certificates, section_bytes
+from rhel_cvm_update.formats.uki import UKI, is_uki
+from rhel_cvm_update.signers import certificates_from_pkcs7
+
+WIN_CERT_TYPE_PKCS_SIGNED_DATA = 0x0002
+# Variables next boot's PCR7 depends on (the model reads them; the log source compares them).
+POLICY_VARIABLE_NAMES = ("SecureBoot", "PK", "KEK", "db", "dbx", "dbt", "SbatLevelRT",
+                         "MokSBStateRT", "MokListRT")
+
+
+@contextlib.contextmanager
+def mapped_file(path: str) -> Iterator[mmap.mmap]:
+    try:
+        with open(path, "rb") as f:
+            try:
+                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError:  # mmap refuses empty files
+                raise FormatError("empty file", source=path, offset=0) from None
+    except OSError as e:
+        raise FormatError(f"cannot read: {e.strerror}", source=path) from None
+    try:
+        yield mapping
+    finally:
+        try:
+            mapping.close()
+        except BufferError:
+            # A traceback still holds views of the mapping; it is unmapped when they go.
+            pass
+
+
+def shim_vendor_cert(raw: bytes, source: str = "<.vendor_cert>") -> Optional[bytes]:
+    """shim's built-in certificate from its .vendor_cert section (cert_table in shim.c:
+    authorized size, deauthorized size, authorized offset, deauthorized offset), when it is
+    a single DER certificate (VENDOR_CERT_FILE builds; a VENDOR_DB_FILE ESL returns None)."""
+    header = struct.Struct("<IIII")
+    if len(raw) < header.size:
+        raise FormatError(".vendor_cert section is shorter than its header", source=source, offset=0)
+    size, _, offset, _ = header.unpack_from(raw, 0)
+    if size == 0:
+        return None
+    if offset + size > len(raw):
+        raise FormatError(f"vendor certificate ({size} bytes at {offset:#x}) runs past the section",
+                          source=source, offset=8, field="vendor_authorized_offset")
+    der = bytes(raw[offset:offset + size])
+    return der if der[:1] == b"\x30" else None
+
+
+def measure_image(path: str, banks: Sequence[str]) -> ImageMeasurement:
+    with mapped_file(path) as buf:
+        pe = PEImage.parse(buf, path)
+        authenticode = authenticode_digests(buf, banks, source=path, image=pe)
+        signer_certs: Tuple[bytes, ...] = ()
+        for cert in certificates(buf, pe):
+            if cert.certificate_type == WIN_CERT_TYPE_PKCS_SIGNED_DATA:
+                signer_certs += tuple(certificates_from_pkcs7(cert.data, source=f"{path} signature"))
+        linux: Optional[Dict[str, bytes]] = None
+        kernel_version = None
+        if is_uki(pe):
+            uki = UKI.from_pe(buf, pe)
+            linux = uki.linux_authenticode_digests(banks)
+            kernel_version = uki.kernel_version
+        sbat_section = pe.section(".sbatlevel")
+        vendor_section = pe.section(".vendor_cert")
+        return ImageMeasurement(
+            path=path, authenticode=authenticode, linux_authenticode=linux, signer_certs=signer_certs,
+            sbat_level=bytes(section_bytes(buf, sbat_section)) if sbat_section else None,
+            vendor_cert=shim_vendor_cert(bytes(section_bytes(buf, vendor_section)), f"{path}:.vendor_cert")
+            if vendor_section else None,
+            kernel_version=kernel_version)
+
+
+def read_policy_variables(efivarfs) -> Dict[Tuple[str, str], bytes]:
+    """The Secure Boot policy variables as efivarfs has them now, keyed (name, guid)."""
+    out: Dict[Tuple[str, str], bytes] = {}
+    for name, guid in efivarfs.list():
+        if name in POLICY_VARIABLE_NAMES:
+            var = efivarfs.get(name, guid)
+            if var is not None:
+                out[(name, str(guid))] = var.data
+    return out

@@ -1,0 +1,169 @@
+"""Predict next boot's PCR4/PCR7: gather the inputs from the machine, run a source, and
+trust its answer only after it reproduced the live PCRs of the chain booted now.
+
+Sources, in the order ``auto`` tries them:
+  log   - the current TCG event log with the new digests substituted (predict_log.py);
+  model - a model of the boot from the binaries and Secure Boot variables (predict_model.py),
+          for when the log is missing, empty or inconsistent.
+"""
+
+import os
+from typing import Dict, List, Mapping, Optional, Tuple
+
+from rhel_cvm_update.boot_events import ImageMeasurement, Prediction
+from rhel_cvm_update.errors import ConfigError, CvmUpdateError, FormatError, MachineError, PredictionError
+from rhel_cvm_update.formats import tcglog
+from rhel_cvm_update.formats.devpath import FilePathNode
+from rhel_cvm_update.formats.efi import EFI_GLOBAL_VARIABLE
+from rhel_cvm_update.formats.loadopt import LoadOption, boot_variable_name
+from rhel_cvm_update.measure import measure_image, read_policy_variables
+from rhel_cvm_update.predict_log import predict_from_log
+from rhel_cvm_update.predict_model import predict_from_model
+
+SOURCES = ("auto", "log", "model")
+SUPPORTED_BANKS = ("sha256", "sha1", "sha384", "sha512")
+MAX_EVENT_LOG_SIZE = 16 << 20
+LivePcrs = Mapping[str, Mapping[int, bytes]]
+
+
+def shim_path(config) -> str:
+    return os.path.join(config.esp, "EFI", config.vendor, "shimx64.efi")
+
+
+def esp_file(esp: str, efi_path: str) -> str:
+    r"""The file an ESP path like ``\EFI\redhat\shimx64.efi`` names.  FAT is case-insensitive,
+    so each component is matched without regard to case."""
+    current = esp
+    for part in [p for p in efi_path.replace("\\", "/").split("/") if p]:
+        if part in (".", ".."):
+            raise FormatError(f"ESP path {efi_path!r} contains {part!r}", source="boot entry")
+        try:
+            names = os.listdir(current)
+        except OSError as e:
+            raise MachineError(f"cannot list {current}: {e.strerror}") from None
+        match = [n for n in names if n.lower() == part.lower()]
+        if not match:
+            raise MachineError(f"{efi_path} (from the boot entry) is not on the ESP {esp}")
+        current = os.path.join(current, sorted(match)[0])
+    return current
+
+
+def read_event_log(path: str) -> tcglog.EventLog:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_EVENT_LOG_SIZE + 1)
+    except OSError as e:
+        raise FormatError(f"cannot read the event log: {e.strerror}", source=path) from None
+    if len(data) > MAX_EVENT_LOG_SIZE:
+        raise FormatError(f"event log larger than {MAX_EVENT_LOG_SIZE} bytes", source=path)
+    if not data:
+        raise FormatError("the event log is empty", source=path, offset=0)
+    return tcglog.parse_event_log(data, source=path)
+
+
+def read_live_pcrs(tpm, pcrs=(4, 7)) -> Dict[str, Dict[int, bytes]]:
+    """sha256 is required; other banks are read where the TPM has them allocated."""
+    live = {"sha256": tpm.read_pcrs(pcrs, "sha256")}
+    for bank in ("sha1", "sha384"):
+        try:
+            live[bank] = tpm.read_pcrs(pcrs, bank)
+        except MachineError:
+            continue
+    return live
+
+
+def booted_chain(efivarfs, esp: str) -> Tuple[str, str]:
+    """(shim, UKI) files of the entry the firmware booted now: BootCurrent's Boot####, its
+    loader path and the second stage shim read from its optional data."""
+    current = efivarfs.get("BootCurrent", EFI_GLOBAL_VARIABLE)
+    if current is None or len(current.data) != 2:
+        raise PredictionError("BootCurrent is missing from efivarfs: cannot tell which chain booted")
+    name = boot_variable_name(int.from_bytes(current.data, "little"))
+    entry = efivarfs.get(name, EFI_GLOBAL_VARIABLE)
+    if entry is None:
+        raise PredictionError(f"BootCurrent names {name}, which does not exist")
+    option = LoadOption.from_bytes(entry.data, source=name)
+    files = [n for n in option.device_path if isinstance(n, FilePathNode)]
+    if not files:
+        raise PredictionError(f"{name} has no file path: not a shim entry")
+    loader = esp_file(esp, files[-1].path)
+    second = option.optional_data_path()
+    if not second:
+        # shim with no load options starts grubx64.efi from its own directory.
+        second = os.path.join(os.path.dirname(files[-1].path.replace("\\", "/")), "grubx64.efi")
+    elif not second.upper().startswith("\\EFI\\"):
+        second = os.path.join(os.path.dirname(files[-1].path.replace("\\", "/")), second)
+    return loader, esp_file(esp, second)
+
+
+def predict_next_boot(config, uki: str, shim: Optional[str] = None, source: str = "auto", tpm=None,
+                      event_log: Optional[str] = None, offline: bool = False,
+                      live: Optional[LivePcrs] = None, efivarfs=None) -> Prediction:
+    """Predict PCR4 and PCR7 of a boot of ``uki`` through ``shim`` (default: the shim on the
+    ESP now).  ``tpm``: an open adapters.tpm.Tpm (opened from config.tpm when needed);
+    ``live``: already-read live PCRs; ``offline``: no live check (log source only)."""
+    if source not in SOURCES:
+        raise ConfigError(f"unknown prediction source {source!r}; use one of {', '.join(SOURCES)}")
+    if efivarfs is None and os.path.isdir(config.efivars):
+        from rhel_cvm_update.adapters.efivarfs import EfiVarFs
+
+        efivarfs = EfiVarFs(config.efivars)
+    current_shim = shim_path(config)
+    next_shim = shim or current_shim
+    if live is None and not offline:
+        if tpm is None:
+            from rhel_cvm_update.adapters.tpm import Tpm
+
+            with Tpm(config.tpm) as opened:
+                live = read_live_pcrs(opened)
+        else:
+            live = read_live_pcrs(tpm)
+    banks = [b for b in SUPPORTED_BANKS if live is None or b in live]
+
+    failures: List[str] = []
+    if source in ("auto", "log"):
+        try:
+            return _from_log(config, event_log or config.event_log, live, banks, uki, next_shim,
+                             current_shim, efivarfs)
+        except (PredictionError, FormatError) as e:
+            if source == "log":
+                raise
+            failures.append(f"event log: {e}")
+    if live is None:
+        raise PredictionError("the model source needs the live PCRs to check itself against; "
+                              "it cannot run offline", details=failures)
+    if efivarfs is None:
+        raise PredictionError(f"the model source needs efivarfs ({config.efivars} is not a directory)",
+                              details=failures)
+    try:
+        booted_shim_file, booted_uki_file = booted_chain(efivarfs, config.esp)
+        measure = {path: measure_image(path, banks) for path in
+                   {booted_shim_file, booted_uki_file, next_shim, uki}}
+        prediction = predict_from_model(read_policy_variables(efivarfs), live,
+                                        measure[booted_shim_file], measure[booted_uki_file],
+                                        measure[next_shim], measure[uki])
+    except CvmUpdateError as e:
+        if not failures:
+            raise
+        raise PredictionError("neither source can predict the next boot",
+                              details=failures + [f"model: {e}"]) from None
+    return _with_notes(prediction, [f"the event log was not used: {f}" for f in failures])
+
+
+def _from_log(config, log_path: str, live: Optional[LivePcrs], banks: List[str], uki: str,
+              next_shim: str, current_shim: str, efivarfs) -> Prediction:
+    log = read_event_log(log_path)
+    banks = [b for b in banks if b in log.banks]
+    uki_m = measure_image(uki, banks)
+    shim_m = measure_image(next_shim, banks)
+    booted_m: Optional[ImageMeasurement] = shim_m
+    if next_shim != current_shim:
+        booted_m = measure_image(current_shim, banks) if os.path.exists(current_shim) else None
+    efivars_now = read_policy_variables(efivarfs) if efivarfs is not None else None
+    return predict_from_log(log, live, shim_m, uki_m, booted_m, efivars_now, pcrs=(4, 7))
+
+
+def _with_notes(prediction: Prediction, notes: List[str]) -> Prediction:
+    import dataclasses
+
+    return dataclasses.replace(prediction, notes=tuple(notes) + prediction.notes)
