@@ -294,6 +294,11 @@ def _parse_pe(view: memoryview, source: str) -> PEImage:
                                   f"[{pointer_to_raw_data:#x}, +{size_of_raw_data:#x}) is past the "
                                   f"end of the {size}-byte file", source=source, offset=at + 16,
                                   field="SizeOfRawData")
+            # PeCoffLoaderLoadImage refuses a section whose last byte lies beyond SizeOfImage.
+            if virtual_address + max(virtual_size, 1) > size_of_image:
+                raise FormatError(f"section {index} ({name}) [{virtual_address:#x}, "
+                                  f"+{virtual_size:#x}) lies beyond SizeOfImage {size_of_image:#x}",
+                                  source=source, offset=at + 8, field="VirtualSize")
         sections.append(PESection(name, virtual_size, virtual_address, size_of_raw_data,
                                   pointer_to_raw_data, characteristics, at,
                                   _long_section_name(view, name, string_table)))
@@ -482,10 +487,20 @@ def loaded_size(section: PESection) -> int:
     return section.virtual_size or section.size_of_raw_data
 
 
+# Zero fill beyond the file data is materialised in memory; a hostile VirtualSize could ask
+# for up to 4 GiB.  Real sections exceed their raw data by at most a few MiB (.bss, or the
+# kernel's SizeOfImage with ukify 257.0-257.2).
+MAX_ZERO_FILL = 256 * 1024 * 1024
+
+
 def loaded_section(buf, section: PESection) -> bytes:
     """The section as the firmware loads it: loaded_size() bytes, file data then zeros."""
     length = loaded_size(section)
     raw = section_bytes(buf, section)
+    if length - len(raw) > MAX_ZERO_FILL:
+        raise UnsupportedError(f"section {section.name}: VirtualSize {section.virtual_size:#x} "
+                               f"exceeds its {len(raw):#x} bytes of data by more than "
+                               f"{MAX_ZERO_FILL:#x}; refusing to build it in memory")
     if length <= len(raw):
         return bytes(raw[:length])
     return bytes(raw) + bytes(length - len(raw))
