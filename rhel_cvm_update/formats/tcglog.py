@@ -775,7 +775,7 @@ def _variable_summary(var: UefiVariableData) -> str:
 
 def _json_and_summary(decoded: object) -> Tuple[Any, str]:
     if isinstance(decoded, str):
-        return decoded, decoded
+        return decoded, decoded or "(empty text)"
     if isinstance(decoded, int):
         return decoded, f"{decoded:#010x}"
     if isinstance(decoded, uuid.UUID):
