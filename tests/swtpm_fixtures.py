@@ -158,3 +158,62 @@ def fresh_swtpm(swtpm: Swtpm) -> Swtpm:
     """The session swtpm after a power cycle: all PCRs at their reset value, no handles."""
     swtpm.power_cycle()
     return swtpm
+
+
+# --- LUKS2 image files (no device-mapper needed for header work) ---
+
+TEST_PASSPHRASE = b"rhel-cvm-update test passphrase"
+
+
+def cryptsetup(*argv: str, input_bytes: bytes = b"", check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["cryptsetup", *argv], input=input_bytes, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, timeout=120)
+    if check and result.returncode:
+        raise RuntimeError(f"cryptsetup {' '.join(argv)} exited {result.returncode}: {result.stderr.decode()}")
+    return result
+
+
+def make_luks2_image(path: str, *extra: str, luks_type: str = "luks2") -> str:
+    """A 20 MiB LUKS image with TEST_PASSPHRASE in keyslot 0 and a fast PBKDF."""
+    with open(path, "wb") as f:
+        f.truncate(20 * 1024 * 1024)
+    pbkdf = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"] if luks_type == "luks2" else \
+        ["--iter-time", "1"]
+    cryptsetup("luksFormat", "-q", "--type", luks_type, *pbkdf, *extra, "--key-file=-", path,
+               input_bytes=TEST_PASSPHRASE)
+    return path
+
+
+def header_bytes(path: str) -> bytes:
+    """The whole LUKS2 header (both JSON copies + keyslot area) via luksHeaderBackup,
+    for byte-identical comparisons before and after a refused operation."""
+    backup = path + ".hdr"
+    if os.path.exists(backup):
+        os.unlink(backup)
+    cryptsetup("luksHeaderBackup", "--header-backup-file", backup, path)
+    with open(backup, "rb") as f:
+        data = f.read()
+    os.unlink(backup)
+    return data
+
+
+def import_token_raw(image: str, token: dict, token_id: int) -> None:
+    """Import a token bypassing the systemd plugin's validator, as a hostile header would."""
+    import json
+    cryptsetup("token", "import", "--disable-external-tokens", "--json-file", "-", "--token-id", str(token_id),
+               image, input_bytes=json.dumps(token).encode())
+
+
+@pytest.fixture(scope="session")
+def luks2_template(tmp_path_factory) -> str:
+    if missing_tools(["cryptsetup"]):
+        pytest.skip("cryptsetup not installed")
+    return make_luks2_image(str(tmp_path_factory.mktemp("luks") / "template.img"))
+
+
+@pytest.fixture
+def luks2_image(luks2_template, tmp_path) -> str:
+    """A private copy of a fresh LUKS2 image (copying is much cheaper than luksFormat)."""
+    path = str(tmp_path / "disk.img")
+    shutil.copyfile(luks2_template, path)
+    return path

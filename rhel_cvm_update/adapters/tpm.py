@@ -9,7 +9,6 @@ operation fail.
 
 import contextlib
 import hmac
-import struct
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from rhel_cvm_update.errors import ConfigError, FormatError, MachineError, UnsupportedError

@@ -256,13 +256,19 @@ class LuksMetadata:
             for slot in slots:
                 if int(slot) not in keyslots:
                     raise _token_error(token_id, "keyslots", f"names keyslot {slot}, which does not exist", source)
-        owners: Dict[int, int] = {}
+        # Two tokens of one type on one keyslot make "which token unlocks what" ambiguous,
+        # and retiring one would kill the other's keyslot.  A systemd-tpm2 token beside a
+        # tpm2-import token on the same keyslot is the state between the two steps of
+        # `enroll --from-tpm2-import` and is allowed.
+        owners: Dict[Tuple[str, int], int] = {}
         for token_id in sorted(tokens):
             for slot in tokens[token_id]["keyslots"]:
-                if int(slot) in owners:
-                    raise FormatError(f"keyslot {slot} is referenced by tokens {owners[int(slot)]} and {token_id}; "
-                                      "refusing to touch an ambiguous header", source=source, field="tokens")
-                owners[int(slot)] = token_id
+                key = (tokens[token_id]["type"], int(slot))
+                if key in owners:
+                    raise FormatError(f"keyslot {slot} is referenced by {key[0]} tokens {owners[key]} and "
+                                      f"{token_id}; refusing to touch an ambiguous header",
+                                      source=source, field="tokens")
+                owners[key] = token_id
         return cls(keyslots=keyslots, tokens=tokens, source=source)
 
     @staticmethod
