@@ -12,6 +12,7 @@ import hashlib
 import re
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -319,3 +320,76 @@ def test_records_match_tpm2_eventlog(name):
             image = tcglog.decode_event_data(mine, log.uintn_size, name)
             assert len(image.raw_device_path) == their["Event"]["LengthOfDevicePath"]
             assert their["Event"]["DevicePath"].startswith(image.raw_device_path.hex())
+
+
+# --- Golden OVMF + swtpm + shim + UKI boots captured by this project (tests/data/boots) --
+
+BOOTS_DIR = REPO / "tests" / "data" / "boots"
+BOOTS = sorted(p.parent.name for p in BOOTS_DIR.glob("*/eventlog.bin")
+               if (p.parent / "pcrs.txt").is_file() and (p.parent / "boot.json").is_file())
+
+
+def load_boot(scenario: str):
+    import json
+
+    base = BOOTS_DIR / scenario
+    log = tcglog.parse_event_log((base / "eventlog.bin").read_bytes(), source=str(base))
+    recorded = {}
+    for line in (base / "pcrs.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            bank, pcr, value = line.split()
+            recorded[(bank, int(pcr))] = value
+    return log, recorded, json.loads((base / "boot.json").read_text())
+
+
+@pytest.mark.parametrize("scenario", BOOTS)
+def test_golden_boot_replays_to_captured_pcrs(scenario):
+    log, recorded, _ = load_boot(scenario)
+    replayed = tcglog.replay(log)
+    assert set(replayed) == set(log.banks)
+    for bank, values in replayed.items():
+        for pcr, value in values.items():
+            assert value.hex() == recorded[(bank, pcr)], f"{bank} PCR{pcr}"
+    # PCR4, PCR7 and systemd-stub's PCR11 are among them.
+    assert {4, 7, 11} <= set(replayed["sha256"])
+
+
+@pytest.mark.parametrize("scenario", BOOTS)
+def test_golden_boot_pcr4_chain(scenario):
+    """PCR4's boot applications carry the Authenticode digests pesign computed for shim and
+    the UKI, the device paths efibootmgr wrote, and, with Secure Boot off only, the kernel
+    that systemd-stub loads from VenMedia(55c5d1f8-...) (reference 2.3, observed table)."""
+    log, _, boot = load_boot(scenario)
+    apps = [e for e in log.events
+            if e.pcr == 4 and e.event_type == tcglog.EV_EFI_BOOT_SERVICES_APPLICATION]
+    expected = [boot["shim"]["authenticode_sha256"], boot["uki"]["authenticode_sha256"]]
+    if not boot["secure_boot"]:
+        expected.append(boot["uki"]["linux_section"]["authenticode_sha256"])
+    assert [e.digests["sha256"].hex() for e in apps] == expected
+
+    shim, uki = (tcglog.decode_event_data(e, log.uintn_size) for e in apps[:2])
+    hd, shim_file = shim.device_path[-3], shim.device_path[-2]
+    assert hd.partition_guid == uuid.UUID(boot["disk"]["esp_partition_guid"])
+    assert (hd.start, hd.size) == (boot["disk"]["esp_first_lba"], boot["disk"]["esp_sectors"])
+    assert shim_file.path == boot["shim"]["esp_path"]
+    assert [type(n).__name__ for n in uki.device_path] == ["FilePathNode", "EndNode"]
+    assert uki.device_path[0].path == boot["uki"]["esp_path"]
+    if not boot["secure_boot"]:
+        kernel = tcglog.decode_event_data(apps[2], log.uintn_size)
+        assert kernel.raw_device_path == bytes.fromhex(
+            "04031400f8d1c555cd04b5468a20e56cbb3052d07fff0400")
+
+
+@pytest.mark.parametrize("scenario", [s for s in BOOTS if (BOOTS_DIR / s / "db.crt").is_file()])
+def test_golden_boot_pcr7_authorities(scenario):
+    """With Secure Boot on, PCR7 names the db entry that verified the UKI: the test
+    certificate enrolled with its owner GUID, as EFI_SIGNATURE_DATA (owner || DER)."""
+    import ssl
+
+    log, _, boot = load_boot(scenario)
+    der = ssl.PEM_cert_to_DER_cert((BOOTS_DIR / scenario / "db.crt").read_text())
+    owner = uuid.UUID(boot["db_cert"]["owner_guid"])
+    authorities = [tcglog.decode_event_data(e) for e in log.events
+                   if e.pcr == 7 and e.event_type == tcglog.EV_EFI_VARIABLE_AUTHORITY]
+    assert any(v.name == "db" and v.data == owner.bytes_le + der for v in authorities)
+    assert any(v.name == "SbatLevel" and v.guid == SHIM_LOCK_GUID for v in authorities)
