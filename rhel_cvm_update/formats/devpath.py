@@ -34,7 +34,7 @@ class DevicePathNode:
         return NODE_HEADER.pack(self.type, self.subtype, NODE_HEADER.size + len(self.data)) + self.data
 
     def __str__(self) -> str:
-        return f"Path({self.type},{self.subtype},{self.data.hex()})"
+        return node_text(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,8 @@ class HardDriveNode(DevicePathNode):
         if self.signature_type == 1:
             sig = int.from_bytes(self.signature[:4], "little")
             return f"HD({self.partition_number},MBR,{sig:#010x},{self.start:#x},{self.size:#x})"
-        return f"HD({self.partition_number},{self.signature_type},{self.start:#x},{self.size:#x})"
+        return (f"HD({self.partition_number},{self.signature_type},{self.signature.hex()},"
+                f"{self.start:#x},{self.size:#x})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +123,8 @@ class VendorNode(DevicePathNode):
                    node.data[16:])
 
     def __str__(self) -> str:
+        if self.type == MESSAGING and self.guid in _MESSAGING_VENDOR_TEXT:
+            return _MESSAGING_VENDOR_TEXT[self.guid](self.vendor_data)
         extra = f",{self.vendor_data.hex()}" if self.vendor_data else ""
         return f"{_VENDOR_TEXT[self.type]}({self.guid}{extra})"
 
@@ -191,3 +194,190 @@ def device_path_text(nodes: Sequence[DevicePathNode]) -> str:
             parts.append("/")
         parts.append(str(node))
     return "".join(parts)
+
+
+# --- Text of the nodes that only need printing --------------------------------------------------
+# The spellings follow libefivar (efivar 37, src/dp-*.c), which `efibootmgr -v` prints with, so
+# `boot list` and efibootmgr show the same text.  A node whose length does not fit its layout is
+# printed with the generic form of its type instead of being guessed at.
+
+TextFormatter = Callable[[bytes], str]
+
+# ACPI _HID values: EISA "PNP" id in the low half, device number in the high half.
+_ACPI_HID_TEXT = {
+    0x0A0341D0: "PciRoot",
+    0x0A0841D0: "PcieRoot",
+    0x060441D0: "Floppy",
+    0x030341D0: "Keyboard",
+    0x050141D0: "Serial",
+}
+
+_RAMDISK_TYPES = {
+    uuid.UUID("77ab535a-45fc-624b-5560-f7b281d1f96e"): "VirtualDisk",
+    uuid.UUID("3d5abd30-4175-87ce-6d64-d2ade523c4bb"): "VirtualCD",
+    uuid.UUID("5cea02c9-4d07-69d3-269f-4496fbe096f9"): "PersistentVirtualDisk",
+    uuid.UUID("08018188-42cd-bb48-100f-5387d53ded3d"): "PersistentVirtualCD",
+}
+
+_BBS_DEVICE_TYPES = {1: "Floppy", 2: "HD", 3: "CDROM", 4: "PCMCIA", 5: "USB", 6: "Network"}
+
+_GENERIC_TYPE_TEXT = {HARDWARE: "HardwarePath", ACPI: "AcpiPath", MESSAGING: "Msg",
+                      MEDIA: "MediaPath", BBS: "BbsPath"}
+
+
+def _fixed(layout: str, render: Callable[..., str]) -> TextFormatter:
+    """A formatter for a node with a fixed layout; other lengths raise _WrongLength."""
+    shape = struct.Struct("<" + layout)
+
+    def formatter(data: bytes) -> str:
+        if len(data) != shape.size:
+            raise _WrongLength
+        return render(*shape.unpack(data))
+    return formatter
+
+
+class _WrongLength(Exception):
+    """Internal: the node's data does not have its layout's size."""
+
+
+def _acpi_hid(hid: int, uid: int) -> str:
+    name = _ACPI_HID_TEXT.get(hid)
+    return f"{name}({uid:#x})" if name else f"Acpi({hid:#010x},{uid:#x})"
+
+
+def _acpi_adr(data: bytes) -> str:
+    if not data or len(data) % 4:
+        raise _WrongLength
+    values = struct.unpack(f"<{len(data) // 4}I", data)
+    return "AcpiAdr(" + ",".join(f"{v:#x}" for v in values) + ")"
+
+
+def _ipv4_address(raw: bytes, port: int) -> str:
+    text = ".".join(str(b) for b in raw)
+    return f"{text}:{port}" if port > 0 else text
+
+
+def _ipv4(local: bytes, remote: bytes, local_port: int, remote_port: int, protocol: int,
+          static: int, _gateway: bytes, _mask: bytes) -> str:
+    # libefivar prints the two addresses without a separator between them.
+    return (f"IPv4({_ipv4_address(local, local_port)}{_ipv4_address(remote, remote_port)},"
+            f"{protocol:x},{static:x})")
+
+
+def _mac(data: bytes) -> str:
+    if len(data) != 33:
+        raise _WrongLength
+    if_type = data[32]
+    address = data[:6] if if_type < 2 else data[:32]
+    return f"MAC({address.hex()},{if_type})"
+
+
+def _uri(data: bytes) -> str:
+    return "Uri(" + data.split(b"\0", 1)[0].decode("latin-1") + ")"
+
+
+def _nvme(namespace: int, eui: bytes) -> str:
+    return f"NVMe({namespace:#x},{'-'.join(f'{b:02X}' for b in eui)})"
+
+
+def _ramdisk(data: bytes) -> str:
+    if len(data) != 34:
+        raise _WrongLength
+    start, end = struct.unpack_from("<QQ", data, 0)
+    disk_type = uuid.UUID(bytes_le=data[16:32])
+    (instance,) = struct.unpack_from("<H", data, 32)
+    label = _RAMDISK_TYPES.get(disk_type)
+    if label:
+        return f"{label}({start:#x},{end:#x},{instance})"
+    return f"Ramdisk({start:#x},{end:#x},{instance},{disk_type})"
+
+
+def _guid_node(label: str) -> TextFormatter:
+    def formatter(data: bytes) -> str:
+        if len(data) != 16:
+            raise _WrongLength
+        return f"{label}({uuid.UUID(bytes_le=data)})"
+    return formatter
+
+
+def _uart(data: bytes) -> str:
+    if len(data) != 15:
+        raise _WrongLength
+    baud, data_bits, parity, stop_bits = struct.unpack_from("<QBBB", data, 4)
+    parity_text = "DNEOMS"[parity] if parity <= 5 else str(parity)
+    stop_text = ("D", "1", "1.5", "2")[stop_bits] if stop_bits <= 3 else str(stop_bits)
+    return f"Uart({baud or 115200},{data_bits or 8},{parity_text},{stop_text})"
+
+
+def _bbs(data: bytes) -> str:
+    if len(data) < 5 or data[-1] != 0:
+        raise _WrongLength
+    device_type, status = struct.unpack_from("<HH", data, 0)
+    description = data[4:-1].split(b"\0", 1)[0].decode("latin-1")
+    kind = _BBS_DEVICE_TYPES.get(device_type, str(device_type))
+    return f"BBS({kind},{description},{status:#x})"
+
+
+NODE_TEXT: Dict[Tuple[int, int], TextFormatter] = {
+    (HARDWARE, 0x01): _fixed("BB", lambda function, device: f"Pci({device:#x},{function:#x})"),
+    (HARDWARE, 0x02): _fixed("B", lambda function: f"PcCard({function:#x})"),
+    (HARDWARE, 0x03): _fixed("IQQ", lambda kind, start, end: f"MemoryMapped({kind},{start:#x},{end:#x})"),
+    (HARDWARE, 0x05): _fixed("I", lambda controller: f"Ctrl({controller:#x})"),
+    (ACPI, 0x01): _fixed("II", _acpi_hid),
+    (ACPI, 0x03): _acpi_adr,
+    (MESSAGING, 0x01): _fixed("BBH", lambda primary, slave, lun: f"Ata({primary},{slave},{lun})"),
+    (MESSAGING, 0x02): _fixed("HH", lambda target, lun: f"SCSI({target},{lun})"),
+    (MESSAGING, 0x05): _fixed("BB", lambda port, interface: f"USB({port},{interface})"),
+    (MESSAGING, 0x0B): _mac,
+    (MESSAGING, 0x0C): _fixed("4s4sHHHB4s4s", _ipv4),
+    (MESSAGING, 0x0E): _uart,
+    (MESSAGING, 0x11): _fixed("B", lambda lun: f"Unit({lun})"),
+    (MESSAGING, 0x12): _fixed("HhH", lambda hba, pmp, lun: f"Sata({hba},{pmp},{lun})"),
+    (MESSAGING, 0x14): _fixed("H", lambda vlan: f"Vlan({vlan})"),
+    (MESSAGING, 0x17): _fixed("I8s", _nvme),
+    (MESSAGING, 0x18): _uri,
+    (MESSAGING, 0x1A): _fixed("B", lambda slot: f"SD({slot})"),
+    (MESSAGING, 0x1D): _fixed("B", lambda slot: f"eMMC({slot})"),
+    (MEDIA, 0x02): _fixed("IQQ", lambda entry, start, size: f"CDROM({entry},{start:#x},{size:#x})"),
+    (MEDIA, 0x05): _guid_node("Media"),
+    (MEDIA, 0x06): _guid_node("FvFile"),
+    (MEDIA, 0x07): _guid_node("FvVol"),
+    (MEDIA, 0x08): _fixed("IQQ", lambda _reserved, first, last: f"Offset({first:#x},{last:#x})"),
+    (MEDIA, 0x09): _ramdisk,
+    (BBS, 0x01): _bbs,
+}
+
+
+def _terminal(label: str) -> Callable[[bytes], str]:
+    return lambda vendor_data: f"{label}({vendor_data.hex()})"
+
+
+def _uart_flow_control(vendor_data: bytes) -> str:
+    if len(vendor_data) != 4:
+        return f"VenMsg(37499a9d-542f-4c89-a026-35da142094e4,{vendor_data.hex()})"
+    (flow,) = struct.unpack("<I", vendor_data)
+    return f"UartFlowControl({('None', 'Hardware', 'XonXoff')[flow] if flow <= 2 else flow})"
+
+
+_MESSAGING_VENDOR_TEXT: Dict[uuid.UUID, Callable[[bytes], str]] = {
+    uuid.UUID("e0c14753-f9be-11d2-9a0c-0090273fc14d"): _terminal("VenPcAnsi"),
+    uuid.UUID("dfa66065-b419-11d3-9a2d-0090273fc14d"): _terminal("VenVt100"),
+    uuid.UUID("7baec70b-57e0-4c76-8e87-2f9e28088343"): _terminal("VenVt100Plus"),
+    uuid.UUID("ad15a0d6-8bec-4acf-a073-d01de77e2d88"): _terminal("VenUtf8"),
+    uuid.UUID("eba4e8d2-3858-41ec-a281-2647ba9660d0"): _terminal("DebugPort"),
+    uuid.UUID("37499a9d-542f-4c89-a026-35da142094e4"): _uart_flow_control,
+}
+
+
+def node_text(node: DevicePathNode) -> str:
+    """efibootmgr's text for a node kept as raw bytes."""
+    formatter = NODE_TEXT.get((node.type, node.subtype))
+    if formatter is not None:
+        try:
+            return formatter(node.data)
+        except _WrongLength:
+            pass
+    generic = _GENERIC_TYPE_TEXT.get(node.type)
+    if generic:
+        return f"{generic}({node.subtype},{node.data.hex()})"
+    return f"Path({node.type},{node.subtype},{node.data.hex()})"
