@@ -100,6 +100,20 @@ def build_pe(sections: Sequence[Section] = (), *, pe32_plus: bool = True,
     for s, (va, vsize, pointer, raw_size) in zip(sections, placed):
         chunk = s.data[:raw_size] + bytes(max(0, raw_size - len(s.data)))
         image[pointer:pointer + raw_size] = chunk
+    # Names longer than 8 bytes go to a COFF string table after the sections, as GNU ld
+    # does; the header then says "/N" (N = offset in the table, whose first u32 is its size).
+    header_names = []
+    strings = bytearray()
+    for s in sections:
+        if len(s.name) > 8:
+            header_names.append(b"/%d" % (4 + len(strings)))
+            strings += s.name + b"\0"
+        else:
+            header_names.append(s.name)
+    symbol_table = 0
+    if strings:
+        symbol_table = len(image)
+        image += struct.pack("<I", 4 + len(strings)) + strings
     image += trailing
 
     cert_table = (0, 0)
@@ -122,7 +136,7 @@ def build_pe(sections: Sequence[Section] = (), *, pe32_plus: bool = True,
     header[0:2] = b"MZ"
     struct.pack_into("<I", header, 0x3C, e_lfanew)
     header[e_lfanew:e_lfanew + 4] = b"PE\0\0"
-    struct.pack_into("<HHIIIHH", header, coff, machine, len(sections), 0, 0, 0,
+    struct.pack_into("<HHIIIHH", header, coff, machine, len(sections), 0, symbol_table, 0,
                      size_of_optional_header, 0x0206 if pe32_plus else 0x0102)
     entry = placed[0][0] if placed else 0
     struct.pack_into("<HBBIII I", header, opt, magic, 2, 40, 0, 0, 0, entry)
@@ -144,7 +158,7 @@ def build_pe(sections: Sequence[Section] = (), *, pe32_plus: bool = True,
         struct.pack_into("<II", header, opt + fixed + 8 * 4, *cert_table)
     for index, (s, (va, vsize, pointer, raw_size)) in enumerate(zip(sections, placed)):
         at = table + 40 * index
-        header[at:at + 8] = s.name.ljust(8, b"\0")[:8]
+        header[at:at + 8] = header_names[index].ljust(8, b"\0")
         struct.pack_into("<IIIIIIHHI", header, at + 8, vsize, va, raw_size, pointer, 0, 0, 0, 0,
                          s.characteristics)
     # The headers (including a section table longer than a hostile SizeOfHeaders) overwrite
