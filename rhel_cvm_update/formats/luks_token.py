@@ -17,7 +17,7 @@ import struct
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from rhel_cvm_update.errors import FormatError, UnsupportedError
-from rhel_cvm_update.formats.tpm_policy import PCR_BANK_ALGS, PCR_COUNT
+from rhel_cvm_update.formats.tpm_policy import PCR_BANK_ALGS, PCR_COUNT, split_sealed_blob
 
 SYSTEMD_TPM2 = "systemd-tpm2"
 TPM2_IMPORT = "tpm2-import"
@@ -127,6 +127,7 @@ class SystemdTpm2Token:
             raise UnsupportedError(f"{source}: token {token_id}: tpm2-blob is an array of shards "
                                    "(systemd 257 multi-TPM token); not supported")
         blob = _b64decode(obj["tpm2-blob"], token_id, "tpm2-blob", source)
+        split_sealed_blob(blob, source=f"{source}: token {token_id} tpm2-blob")
         if "tpm2-pcrs" not in obj:
             raise _token_error(token_id, "tpm2-pcrs", "missing", source)
         pcrs = _pcr_list(obj["tpm2-pcrs"], token_id, "tpm2-pcrs", source)
@@ -253,6 +254,8 @@ class LuksMetadata:
             slots = token.get("keyslots")
             if not isinstance(slots, list) or not all(isinstance(s, str) and _DECIMAL_RE.match(s) for s in slots):
                 raise _token_error(token_id, "keyslots", f"must be an array of decimal strings, got {slots!r}", source)
+            if len(set(slots)) != len(slots):
+                raise _token_error(token_id, "keyslots", f"lists a keyslot twice: {slots!r}", source)
             for slot in slots:
                 if int(slot) not in keyslots:
                     raise _token_error(token_id, "keyslots", f"names keyslot {slot}, which does not exist", source)
