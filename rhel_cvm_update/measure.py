@@ -71,8 +71,9 @@ def measure_image(path: str, banks: Sequence[str]) -> ImageMeasurement:
             uki = UKI.from_pe(buf, pe)
             linux = uki.linux_authenticode_digests(banks)
             kernel_version = uki.kernel_version
-        sbat_section = pe.section(".sbatlevel")
-        vendor_section = pe.section(".vendor_cert")
+        # shim's sections have long names (string table), e.g. "/26" in the header.
+        sbat_section = pe.section_by_full_name(".sbatlevel")
+        vendor_section = pe.section_by_full_name(".vendor_cert")
         return ImageMeasurement(
             path=path, authenticode=authenticode, linux_authenticode=linux, signer_certs=signer_certs,
             sbat_level=bytes(section_bytes(buf, sbat_section)) if sbat_section else None,

@@ -20,10 +20,26 @@ def certificates_from_pkcs7(der: bytes, source: str = "<pkcs7>") -> List[bytes]:
     from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 
     try:
-        certs = pkcs7.load_der_pkcs7_certificates(bytes(der))
+        certs = pkcs7.load_der_pkcs7_certificates(_der_element(bytes(der)))
     except ValueError as e:
         raise FormatError(f"signature is not a PKCS#7 SignedData: {e}", source=source) from None
     return [c.public_bytes(Encoding.DER) for c in certs]
+
+
+def _der_element(raw: bytes) -> bytes:
+    """The first DER element of ``raw``: WIN_CERTIFICATE data is padded to 8 bytes after
+    the PKCS#7 blob, and those zeros are not part of it."""
+    if len(raw) < 2 or raw[0] != 0x30:
+        return raw
+    length = raw[1]
+    header = 2
+    if length & 0x80:
+        count = length & 0x7F
+        if count == 0 or count > 4 or len(raw) < 2 + count:
+            return raw
+        length = int.from_bytes(raw[2:2 + count], "big")
+        header += count
+    return raw[:header + length] if header + length <= len(raw) else raw
 
 
 def _load(der: bytes):
