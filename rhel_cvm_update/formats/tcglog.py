@@ -93,6 +93,9 @@ MAX_SPEC_ID_ALGORITHMS = 16
 MAX_DIGEST_SIZE = 512
 
 SPEC_ID_EVENT03 = b"Spec ID Event03\0"
+SPEC_ID_PREFIX = b"Spec ID Event"
+# TCG 1.2 PC Client ("00") and EFI ("02") Spec ID events head SHA1-format logs.
+SPEC_ID_SHA1_FORMAT = (b"Spec ID Event00\0", b"Spec ID Event02\0")
 STARTUP_LOCALITY_SIGNATURE = b"StartupLocality\0"
 SP800_155_SIGNATURES = (b"SP800-155 Event\0", b"SP800-155 Event2", b"SP800-155 Event3")
 
@@ -156,11 +159,13 @@ class EventLog:
 
 # --- Parsing -----------------------------------------------------------------------------
 
-def _is_padding(buf: bytes, pos: int) -> bool:
-    # CCEL logs and some kernels hand out the whole reserved area: the log ends where only
-    # 0x00 or only 0xFF bytes remain.
+def _is_padding(buf: bytes, pos: int, min_record: int) -> bool:
+    """CCEL logs and some kernels hand out the whole reserved area: the log ends where only
+    0x00 or only 0xFF bytes remain.  A tail shorter than the smallest record is not taken
+    for padding: it is as likely the start of a truncated PCR0 record (PCRIndex 0)."""
     rest = buf[pos:]
-    return bool(rest) and (rest.count(0) == len(rest) or rest.count(0xFF) == len(rest))
+    return len(rest) >= min_record and (rest.count(0) == len(rest)
+                                        or rest.count(0xFF) == len(rest))
 
 
 def _parse_spec_id(data: bytes, source: str, base: int) -> SpecIdEvent:
@@ -273,10 +278,10 @@ def _startup_locality(events: Iterable[TcgEvent]) -> int:
     return 0
 
 
-def _looks_like_event1(buf: bytes, pcr: int, event_type: int) -> bool:
-    # A legacy log starts with a real PCR0-7 event of a type the PFP defines; anything else
-    # at offset 0 is not an event log at all.
-    return pcr < 24 and event_type in EVENT_TYPES and len(buf) >= _EVENT1_HEADER.size
+def _looks_like_event1(pcr: int, event_type: int) -> bool:
+    # A SHA1-format log starts with a real event (or StartupLocality) for one of the 24
+    # PCRs, of a type the PFP defines; anything else at offset 0 is not an event log.
+    return pcr < 24 and event_type in EVENT_TYPES
 
 
 def parse_event_log(buf: bytes, source: str = "<bytes>") -> EventLog:
@@ -291,7 +296,11 @@ def parse_event_log(buf: bytes, source: str = "<bytes>") -> EventLog:
                               offset=0, field="TCG_PCR_EVENT")
         spec_id = _parse_spec_id(first_data, source, data_pos)
         return _parse_crypto_agile(buf, data_end, spec_id, source)
-    if not _looks_like_event1(buf, pcr, event_type):
+    if event_type == EV_NO_ACTION and first_data[:13] == SPEC_ID_PREFIX \
+            and first_data[:16] not in SPEC_ID_SHA1_FORMAT:
+        raise FormatError(f"unknown Spec ID signature {bytes(first_data[:16])!r}", source=source,
+                          offset=data_pos, field="signature")
+    if not _looks_like_event1(pcr, event_type):
         raise FormatError(f"neither a Spec ID Event03 header nor a SHA1-format event "
                           f"(PCR {pcr}, type {event_type:#x})", source=source, offset=0,
                           field="TCG_PCR_EVENT")
@@ -300,7 +309,8 @@ def parse_event_log(buf: bytes, source: str = "<bytes>") -> EventLog:
 
 def _parse_crypto_agile(buf: bytes, pos: int, spec_id: SpecIdEvent, source: str) -> EventLog:
     events: List[TcgEvent] = []
-    while pos < len(buf) and not _is_padding(buf, pos):
+    min_record = _EVENT2_HEADER.size + _U16.size + min(spec_id.algorithms.values()) + _U32.size
+    while pos < len(buf) and not _is_padding(buf, pos, min_record):
         if len(events) >= MAX_EVENTS:
             raise FormatError(f"more than {MAX_EVENTS} events", source=source, offset=pos)
         event, pos = _read_event2(buf, pos, len(events), spec_id.algorithms, source)
@@ -312,7 +322,7 @@ def _parse_crypto_agile(buf: bytes, pos: int, spec_id: SpecIdEvent, source: str)
 def _parse_sha1(buf: bytes, source: str) -> EventLog:
     events: List[TcgEvent] = []
     pos = 0
-    while pos < len(buf) and not _is_padding(buf, pos):
+    while pos < len(buf) and not _is_padding(buf, pos, _EVENT1_HEADER.size):
         if len(events) >= MAX_EVENTS:
             raise FormatError(f"more than {MAX_EVENTS} events", source=source, offset=pos)
         pcr, event_type, digest, data_pos, end = _read_event1(buf, pos, source)
