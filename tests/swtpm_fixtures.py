@@ -217,3 +217,110 @@ def luks2_image(luks2_template, tmp_path) -> str:
     path = str(tmp_path / "disk.img")
     shutil.copyfile(luks2_template, path)
     return path
+
+
+# --- Letting systemd's cryptsetup token plugin reach swtpm ---
+#
+# libcryptsetup-token-systemd-tpm2.so ignores TCTI strings and environment variables: it
+# only uses a TPM found under /sys/class/tpmrm and /dev/tpmrm0.  A raw pseudo-terminal
+# relayed to swtpm's TCP port stands in for /dev/tpmrm0 inside a private mount namespace
+# (`unshare -m`), where a tmpfs copy of /sys/class gains a tpmrm/tpmrm0 directory and a
+# tmpfs copy of /dev gains tpmrm0 bind-mounted from the pty.  Nothing changes outside it.
+
+TPM_HEADER_SIZE = 10  # tag u16, size u32, code u32 (big-endian)
+
+_NAMESPACE_SCRIPT = r'''
+set -eu
+pty=$1; work=$2; shift 2
+mkdir -p "$work/class" "$work/dev"
+mount -t tmpfs none "$work/class"
+for e in /sys/class/*; do n=${e##*/}; mkdir "$work/class/$n"; mount --rbind "$e" "$work/class/$n"; done
+mkdir -p "$work/class/tpmrm/tpmrm0"
+mount --rbind "$work/class" /sys/class
+mount -t tmpfs none "$work/dev"
+for e in /dev/*; do
+  n=${e##*/}
+  if [ -L "$e" ]; then cp -P "$e" "$work/dev/$n"
+  elif [ -d "$e" ]; then mkdir "$work/dev/$n"; mount --rbind "$e" "$work/dev/$n"
+  else touch "$work/dev/$n"; mount --bind "$e" "$work/dev/$n"; fi
+done
+touch "$work/dev/tpmrm0"
+mount --bind "$pty" "$work/dev/tpmrm0"
+mount --rbind "$work/dev" /dev
+exec "$@"
+'''
+
+
+class PtyTpmRelay:
+    """Relays TPM commands written to a raw pty to swtpm's TCP port, one command at a time."""
+
+    def __init__(self, swtpm: Swtpm):
+        self.swtpm = swtpm
+        self.master = self.slave = -1
+        self.path = ""
+        self._stop = False
+        self._thread = None
+        self.commands = 0
+
+    def __enter__(self) -> "PtyTpmRelay":
+        import pty
+        import threading
+        import tty
+        self.master, self.slave = pty.openpty()
+        tty.setraw(self.slave)
+        self.path = os.ttyname(self.slave)
+        self._thread = threading.Thread(target=self._loop, name="pty-tpm-relay", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop = True
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for fd in (self.master, self.slave):
+            if fd >= 0:
+                os.close(fd)
+        self.master = self.slave = -1
+
+    def _read_exact(self, read, size: int) -> bytes:
+        data = b""
+        while len(data) < size and not self._stop:
+            chunk = read(size - len(data))
+            if chunk is None:
+                continue
+            if not chunk:
+                raise EOFError("relay peer closed")
+            data += chunk
+        return data
+
+    def _read_master(self, size: int):
+        import select
+        ready, _, _ = select.select([self.master], [], [], 0.1)
+        return os.read(self.master, size) if ready else None
+
+    def _loop(self) -> None:
+        import struct
+        while not self._stop:
+            try:
+                header = self._read_exact(self._read_master, TPM_HEADER_SIZE)
+                if self._stop:
+                    return
+                (size,) = struct.unpack_from(">I", header, 2)
+                command = header + self._read_exact(self._read_master, size - TPM_HEADER_SIZE)
+                with socket.create_connection(("127.0.0.1", self.swtpm.port), timeout=30) as conn:
+                    conn.sendall(command)
+                    reply_header = self._read_exact(conn.recv, TPM_HEADER_SIZE)
+                    (reply_size,) = struct.unpack_from(">I", reply_header, 2)
+                    reply = reply_header + self._read_exact(conn.recv, reply_size - TPM_HEADER_SIZE)
+                os.write(self.master, reply)
+                self.commands += 1
+            except (OSError, EOFError):
+                if self._stop:
+                    return
+                time.sleep(0.05)
+
+    def run(self, argv: Sequence[str], work_dir: str, input_bytes: bytes = b"") -> subprocess.CompletedProcess:
+        """Run argv in a private mount namespace where /dev/tpmrm0 is this relay."""
+        return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", _NAMESPACE_SCRIPT,
+                               "sh", self.path, work_dir, *argv], input=input_bytes,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
