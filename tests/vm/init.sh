@@ -38,9 +38,10 @@ for name in SecureBoot SetupMode PK KEK db dbx BootCurrent BootOrder SbatLevelRT
         [ -f "$f" ] && emit_file "efivars/${f##*/}" "$f"
     done
 done
-# BootCurrent is a u16 (little endian) after the 4-byte attribute word.
-set -- $(od -An -tx1 -j4 -N2 "$vars"/BootCurrent-8be4df61-93ca-11d2-aa0d-00e098032b8c)
-boot="Boot$(echo "$2$1" | tr a-f A-F)-8be4df61-93ca-11d2-aa0d-00e098032b8c"
+# BootCurrent is a u16 (little endian) after the 4-byte attribute word.  Read the whole file:
+# efivarfs files cannot seek, so `od -j` fails on them.
+set -- $(od -An -tx1 "$vars"/BootCurrent-8be4df61-93ca-11d2-aa0d-00e098032b8c)
+boot="Boot$(echo "$6$5" | tr a-f A-F)-8be4df61-93ca-11d2-aa0d-00e098032b8c"
 [ -f "$vars/$boot" ] && emit_file "efivars/$boot" "$vars/$boot"
 
 echo "==== CAPTURE DONE ===="
