@@ -225,20 +225,20 @@ class Tpm:
 
     @contextlib.contextmanager
     def _srk(self, serialized: bytes) -> Iterator:
-        """The persistent SRK named by a token's tpm2_srk (systemd >= 254)."""
-        with self._tss("deserialising tpm2_srk"):
-            recorded = self.esapi.tr_deserialize(serialized)
+        """The persistent SRK named by a token's tpm2_srk (systemd >= 254), checked by Name:
+        a different key at 0x81000001 could not load the blob anyway, and saying so
+        beats a TPM error code."""
+        handle, recorded_name = tpm_policy.serialized_handle_name(serialized, source="tpm2_srk")
+        if handle != SRK_HANDLE:
+            raise UnsupportedError(f"tpm2_srk names handle {handle:#x}; only the SRK at {SRK_HANDLE:#x} is supported")
+        with self._tss(f"reading the SRK at {SRK_HANDLE:#x}"):
+            live = self.esapi.tr_from_tpmpublic(SRK_HANDLE)
         try:
-            with self._tss(f"reading the SRK at {SRK_HANDLE:#x}"):
-                live = self.esapi.tr_from_tpmpublic(SRK_HANDLE)
-            try:
-                if not hmac.compare_digest(self.object_name(live), self.object_name(recorded)):
-                    raise MachineError(f"the SRK at {SRK_HANDLE:#x} is not the key the token was sealed under")
-                yield live
-            finally:
-                self.esapi.tr_close(live)
+            if not hmac.compare_digest(self.object_name(live), recorded_name):
+                raise MachineError(f"the SRK at {SRK_HANDLE:#x} is not the key the token was sealed under")
+            yield live
         finally:
-            self.esapi.tr_close(recorded)
+            self.esapi.tr_close(live)
 
     @contextlib.contextmanager
     def _session(self, tpm_key, session_type, attributes) -> Iterator:

@@ -170,3 +170,15 @@ def rsa_unique_from_tpm2_tools(unique_file: bytes, *, source: str) -> bytes:
         raise FormatError(f"size {size} does not fit the {len(unique_file)}-byte file",
                           source=source, offset=0, field="unique_dat")
     return bytes(unique_file[2:2 + size])
+
+
+def serialized_handle_name(serialized: bytes, *, source: str) -> Tuple[int, bytes]:
+    """(TPM handle, Name) from an ESYS_TR serialization (tpm2-tss Esys_TR_Serialize, as in
+    systemd's tpm2_srk): u32 handle, TPM2B_NAME, u32 resource type, then the public area."""
+    if len(serialized) < 4:
+        raise FormatError("too short for an ESYS_TR serialization", source=source, offset=0, field="handle")
+    (handle,) = struct.unpack_from(">I", serialized, 0)
+    name, _ = read_tpm2b(serialized, 4, source=source, field="name")
+    if not name:
+        raise FormatError("empty name", source=source, offset=4, field="name")
+    return handle, name

@@ -17,7 +17,6 @@ import pytest
 
 from rhel_cvm_update.adapters.cryptsetup import Cryptsetup
 from rhel_cvm_update.config import config_from_mapping
-from rhel_cvm_update.formats.luks_token import SystemdTpm2Token
 from rhel_cvm_update.reseal import reseal
 from rhel_cvm_update.secrets import Secret
 from tests.swtpm_fixtures import TEST_PASSPHRASE, PtyTpmRelay, missing_tools
