@@ -257,7 +257,7 @@ def _parse_pe(view: memoryview, source: str) -> PEImage:
             (size_of_image - section_table) // IMAGE_SIZEOF_SECTION_HEADER <= number_of_sections:
         raise FormatError(f"SizeOfImage {size_of_image:#x} does not cover the section table",
                           source=source, offset=opt + _OPT_SIZE_OF_IMAGE, field="SizeOfImage")
-    if size_of_headers < table_end or size_of_headers >= size_of_image:
+    if size_of_headers <= section_table or size_of_headers < table_end or size_of_headers >= size_of_image:
         raise FormatError(f"SizeOfHeaders {size_of_headers:#x} must cover the section table "
                           f"(ends at {table_end:#x}) and be below SizeOfImage {size_of_image:#x}",
                           source=source, offset=opt + _OPT_SIZE_OF_HEADERS, field="SizeOfHeaders")

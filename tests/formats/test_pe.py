@@ -416,3 +416,43 @@ def test_streams_a_large_sparse_file_through_mmap(tmp_path):
         expected.update(zeros[:n])
         remaining -= n
     assert digest == expected.digest()
+
+
+# --- real OVMF boots (fixtures captured by tests/vm/capture.py) ------------------------------
+
+BOOTS = Path(__file__).resolve().parent.parent / "data" / "boots"
+EV_EFI_BOOT_SERVICES_APPLICATION = 0x80000003
+
+
+def boot_fixtures():
+    return sorted(p.parent.name for p in BOOTS.glob("*/boot.json"))
+
+
+def pcr4_application_events(name):
+    from rhel_cvm_update.formats import tcglog
+
+    log = tcglog.parse_event_log((BOOTS / name / "eventlog.bin").read_bytes(), name)
+    return log.banks, [e for e in log.events
+                       if e.pcr == 4 and e.event_type == EV_EFI_BOOT_SERVICES_APPLICATION]
+
+
+@pytest.mark.parametrize("name", boot_fixtures())
+def test_ovmf_measured_the_shim_with_our_digest(name):
+    """The first PCR4 application event of a real OVMF boot is shim, in every bank.  The
+    sb-off-shim-b fixture boots the *unsigned* shimx64.efi, whose size is not a multiple of
+    8: real firmware measured the unpadded (edk2) digest, not shim 16.1's padded one."""
+    import json
+
+    boot = json.loads((BOOTS / name / "boot.json").read_text())
+    shim = Path(boot["shim"]["origin"].split(": ", 1)[1].split(" ", 1)[0])
+    need_file(shim)
+    if hashlib.sha256(shim.read_bytes()).hexdigest() != boot["shim"]["sha256"]:
+        pytest.skip(f"{shim} is not the build {name} was captured with (package updated)")
+    banks, events = pcr4_application_events(name)
+    with mapped(shim) as m:
+        image = pe.PEImage.parse(m, str(shim))
+        ours = pe.authenticode_digests(m, banks)
+        padded = pe.shim_authenticode_digest(m, "sha256", "16.1")
+    assert events[0].digests == ours
+    if image.file_size % 8 and not image.is_signed:
+        assert padded != ours["sha256"]

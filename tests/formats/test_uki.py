@@ -264,3 +264,40 @@ def test_sbatlevel_bad_offsets(previous, latest):
 def test_sbatlevel_unknown_version():
     with pytest.raises(UnsupportedError):
         uki.shim_sbat_levels(_sbatlevel(version=1))
+
+
+# --- real OVMF boots (fixtures captured by tests/vm/capture.py) ------------------------------
+
+BOOTS = Path(__file__).resolve().parent.parent / "data" / "boots"
+
+
+def secure_boot_off_fixtures():
+    import json
+
+    return sorted(p.parent.name for p in BOOTS.glob("*/boot.json")
+                  if not json.loads(p.read_text())["secure_boot"])
+
+
+@pytest.mark.parametrize("name", secure_boot_off_fixtures())
+def test_ovmf_measured_the_kernel_with_our_linux_digest(name, tmp_path):
+    """Secure Boot off: the third PCR4 application event is the kernel systemd-stub loads
+    (reference 2.3).  Rebuild a UKI around the same Debian vmlinuz with the captured .linux
+    VirtualSize and compare our .linux payload digest in every bank."""
+    import hashlib
+    import json
+
+    from rhel_cvm_update.formats import tcglog
+
+    need_tools("apt-get", "dpkg-deb")
+    boot = json.loads((BOOTS / name / "boot.json").read_text())
+    recorded = boot["uki"]["kernel"]
+    kernel = realbins.fetch_kernel_package(recorded["metapackage"], recorded["version"])
+    vmlinuz = kernel.vmlinuz.read_bytes()
+    if hashlib.sha256(vmlinuz).hexdigest() != recorded["vmlinuz_sha256"]:
+        pytest.skip(f"kernel {recorded['version']} is no longer downloadable; got {kernel.version}")
+    log = tcglog.parse_event_log((BOOTS / name / "eventlog.bin").read_bytes(), name)
+    events = [e for e in log.events if e.pcr == 4 and e.event_type == 0x80000003]
+    image = build_pe([Section(b".text", b"\x90" * 100, characteristics=CODE),
+                      Section(b".linux", vmlinuz, virtual_size=boot["uki"]["linux_section"]["virtual_size"])])
+    ours = uki.UKI.parse(image, name).linux_authenticode_digests(log.banks)
+    assert events[2].digests == ours
