@@ -90,7 +90,7 @@ def _pcr_list(value: Any, token_id: Any, field: str, source: str) -> Tuple[int, 
 def _bank(value: Any, token_id: Any, source: str) -> Optional[str]:
     if value is None:
         return None
-    if value not in PCR_BANK_ALGS:
+    if not isinstance(value, str) or value not in PCR_BANK_ALGS:
         raise _token_error(token_id, "tpm2-pcr-bank", f"unknown PCR bank {value!r}", source)
     return value
 
