@@ -84,7 +84,9 @@ def main() -> int:
     # `true` shows the floor: the RSS a child inherits from this Python process.
     contenders = [("true (RSS floor)", ["true"]),
                   ("rhel-cvm-update (mmap)", [sys.executable, "-c", OUR_CHILD, str(uki)]),
-                  ("sha256sum", ["sha256sum", str(uki)])]
+                  ("sha256sum", ["sha256sum", str(uki)]),
+                  # The whole command: also hashes the embedded kernel and reads the sections.
+                  ("inspect --json", [sys.executable, "-m", "rhel_cvm_update", "inspect", "--json", str(uki)])]
     if shutil.which("pesign"):
         contenders.append(("pesign -h", ["pesign", "-h", "-d", "sha256", "-i", str(uki)]))
     subprocess.run(["cat", str(uki)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache

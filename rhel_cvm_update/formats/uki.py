@@ -133,7 +133,11 @@ class UKI:
         return loaded_section(self.buf, self.linux)
 
     def linux_authenticode_digests(self, algorithms: Iterable[str] = ("sha256",)) -> Dict[str, bytes]:
-        return authenticode_digests(self.linux_payload(), algorithms, source=f"{self.source}:.linux")
+        """edk2's Authenticode of linux_payload(), the kernel event in PCR4 (reference 2.3)."""
+        raw = section_bytes(self.buf, self.linux)
+        # Usually VirtualSize <= SizeOfRawData: hash a view of the file instead of a copy.
+        payload = raw[:self.linux.virtual_size] if self.linux.virtual_size <= len(raw) else self.linux_payload()
+        return authenticode_digests(payload, algorithms, source=f"{self.source}:.linux")
 
     @property
     def cmdline(self) -> Optional[str]:
