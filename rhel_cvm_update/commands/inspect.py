@@ -5,13 +5,11 @@ memory.  The digests are the ones edk2 extends into PCR4 (see formats/pe.py).
 """
 
 import argparse
-import contextlib
-import mmap
-from typing import Dict, Iterator, List
+from typing import Dict, List
 
-from rhel_cvm_update.errors import FormatError
 from rhel_cvm_update.formats.pe import HASH_ALGORITHMS, PEImage, authenticode_digests
 from rhel_cvm_update.formats.uki import UKI, is_uki, pe_sbat, shim_sbat_levels
+from rhel_cvm_update.measure import mapped_file
 from rhel_cvm_update.output import print_json
 
 
@@ -26,26 +24,6 @@ def register(subparsers) -> None:
     parser.add_argument("--hash", dest="algorithms", action="append", choices=HASH_ALGORITHMS,
                         help="digest algorithm (PCR bank); repeatable; default sha256")
     parser.set_defaults(run=run)
-
-
-@contextlib.contextmanager
-def mapped_file(path: str) -> Iterator[mmap.mmap]:
-    try:
-        with open(path, "rb") as f:
-            try:
-                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except ValueError:  # mmap refuses empty files
-                raise FormatError("empty file", source=path, offset=0) from None
-    except OSError as e:
-        raise FormatError(f"cannot read: {e.strerror}", source=path) from None
-    try:
-        yield mapping
-    finally:
-        try:
-            mapping.close()
-        except BufferError:
-            # A traceback still holds views of the mapping; it is unmapped when they go.
-            pass
 
 
 def describe(buf, path: str, algorithms: List[str]) -> Dict[str, object]:
