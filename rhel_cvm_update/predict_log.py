@@ -14,7 +14,7 @@ Steps (each refusal names the PCR and the event it cannot explain):
 """
 
 import dataclasses
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 from rhel_cvm_update.boot_events import (CALLING_EFI_APPLICATION, RETURNING_FROM_EFI_APPLICATION,
                                          ImageMeasurement, PlannedEvent, Prediction, bank_hash,
