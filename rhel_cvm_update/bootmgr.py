@@ -259,7 +259,7 @@ class BootManager:
             description = entry.option.description if entry.option else ""
             changes.append(Change(entry.name, entry.raw, None,
                                   f"delete {description!r} {entry.uki_path}"))
-        changes.extend(self._csv_removal_changes({(e.uki_path or "").lower() for e in doomed}))
+        changes.extend(self._csv_after_removal(state, order, numbers))
         return changes
 
     def _order_change(self, old: Tuple[int, ...], new: Tuple[int, ...]) -> Change:
@@ -287,24 +287,32 @@ class BootManager:
         lines = list(self.esp.read_boot_csv(self.vendor) or ())
         return path, old, lines
 
-    def _csv_changes(self, option: LoadOption) -> List[Change]:
-        """Our line replaces our previous line; other lines stay before it.  fallback puts
-        each entry it creates at the front of BootOrder, so the last line ends up first."""
+    def _csv_changes(self, option: Optional[LoadOption]) -> List[Change]:
+        """Our line (for ``option``; none when None) replaces our previous line; other lines
+        stay before it.  fallback puts each entry it creates at the front of BootOrder, so
+        the last line ends up first."""
         path, old, lines = self._csv_lines()
         kept = [line for line in lines if not self._is_managed_csv_line(line)]
-        new = boot_csv_bytes(kept + [self.csv_entry_for(option)])
+        ours = [self.csv_entry_for(option)] if option is not None else []
+        if old is None and not ours:
+            return []
+        new = boot_csv_bytes(kept + ours)
         if new == old:
             return []
-        return [Change(path, old, new, f"fallback entry {option.description!r}", is_file=True)]
+        what = f"fallback entry {option.description!r}" if option else "no fallback entry of ours"
+        return [Change(path, old, new, what, is_file=True)]
 
-    def _csv_removal_changes(self, removed_paths: set) -> List[Change]:
-        path, old, lines = self._csv_lines()
-        kept = [line for line in lines if line.arguments.lower() not in removed_paths
-                or not self._is_managed_csv_line(line)]
-        if old is None or len(kept) == len(lines):
+    def _csv_after_removal(self, state: BootState, new_order: Tuple[int, ...],
+                           removed: set) -> List[Change]:
+        """If the CSV names a removed UKI, point it at our entry now first in BootOrder."""
+        _, _, lines = self._csv_lines()
+        removed_paths = {(e.uki_path or "").lower() for e in state.entries if e.number in removed}
+        if not any(self._is_managed_csv_line(line) and line.arguments.lower() in removed_paths
+                   for line in lines):
             return []
-        return [Change(path, old, boot_csv_bytes(kept), "drop fallback lines of removed UKIs",
-                       is_file=True)]
+        successor = next((state.entry(n) for n in new_order
+                          if state.entry(n) is not None and state.entry(n).managed), None)
+        return self._csv_changes(successor.option if successor else None)
 
     # --- applying ---------------------------------------------------------------------------
 

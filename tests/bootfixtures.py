@@ -46,10 +46,11 @@ class BootEnv:
     partition_start: int
     partition_size: int
     partition_guid: uuid.UUID
+    uki_source: Path
 
-    def add_uki(self, name: str, source: Path) -> Path:
+    def add_uki(self, name: str) -> Path:
         path = self.uki_dir / name
-        shutil.copy(source, path)
+        shutil.copy(self.uki_source, path)
         return path
 
 
@@ -80,4 +81,5 @@ def boot_env(tmp_path, small_uki) -> BootEnv:
     config = tmp_path / "config.yaml"
     config.write_text(f"efivars: {efivars}\nesp: {esp}\nesp_device: {disk}\nuki_dir: {uki_dir}\n"
                       f"vendor: redhat\n")
-    return BootEnv(tmp_path, efivars, esp, uki_dir, disk, config, 1, 2048, 65536, guid)
+    return BootEnv(tmp_path, efivars, esp, uki_dir, disk, config, 1, 2048, 65536, guid,
+                   small_uki)
