@@ -332,7 +332,8 @@ NODE_TEXT: Dict[Tuple[int, int], TextFormatter] = {
     (MESSAGING, 0x0C): _fixed("4s4sHHHB4s4s", _ipv4),
     (MESSAGING, 0x0E): _uart,
     (MESSAGING, 0x11): _fixed("B", lambda lun: f"Unit({lun})"),
-    (MESSAGING, 0x12): _fixed("HhH", lambda hba, pmp, lun: f"Sata({hba},{pmp},{lun})"),
+    # libefivar 37 prints the port multiplier port unsigned: 0xFFFF (none) shows as 65535.
+    (MESSAGING, 0x12): _fixed("HHH", lambda hba, pmp, lun: f"Sata({hba},{pmp},{lun})"),
     (MESSAGING, 0x14): _fixed("H", lambda vlan: f"Vlan({vlan})"),
     (MESSAGING, 0x17): _fixed("I8s", _nvme),
     (MESSAGING, 0x18): _uri,

@@ -41,7 +41,7 @@ def test_full_firmware_style_path_text_and_roundtrip():
     parsed = parse_device_path(raw)
     assert device_path_bytes(parsed) == raw
     assert device_path_text(parsed) == (
-        "PciRoot(0x0)/Pci(0x1f,0x0)/Sata(0,-1,0)/"
+        "PciRoot(0x0)/Pci(0x1f,0x0)/Sata(0,65535,0)/"
         f"HD(1,GPT,{guid},0x800,0x10000)/File(\\EFI\\redhat\\shimx64.efi)")
 
 
