@@ -112,11 +112,21 @@ def sealed_object_template(policy_digest: bytes) -> "TPM2B_PUBLIC":
 
 
 def _sensitive_from(secret: Secret) -> "TPM2B_SENSITIVE_CREATE":
-    """Copy the secret into C memory directly (no immutable Python copy)."""
+    """Copy the secret into C memory directly (no immutable Python copy); the
+    intermediate copy is zeroed at once, the returned one by _wipe_sensitive."""
     data = TPM2B_SENSITIVE_DATA()
     ffi.memmove(data._cdata.buffer, secret.data, len(secret))
     data._cdata.size = len(secret)
-    return TPM2B_SENSITIVE_CREATE(sensitive=TPMS_SENSITIVE_CREATE(data=data))
+    try:
+        return TPM2B_SENSITIVE_CREATE(sensitive=TPMS_SENSITIVE_CREATE(data=data))
+    finally:
+        ffi.memmove(data._cdata.buffer, bytes(len(secret)), len(secret))
+
+
+def _wipe_sensitive(sensitive: "TPM2B_SENSITIVE_CREATE") -> None:
+    data = sensitive._cdata.sensitive.data
+    ffi.memmove(data.buffer, bytes(data.size), data.size)
+    data.size = 0
 
 
 def _secret_from(data: "TPM2B_SENSITIVE_DATA") -> Secret:
@@ -268,11 +278,14 @@ class Tpm:
                     if alg == algs[-1]:
                         raise
             attrs = TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.DECRYPT
-            with self._session(parent, TPM2_SE.HMAC, attrs) as session:
-                with self._tss("TPM2_Create (sealed object)"):
-                    private, public = self.esapi.create(parent, _sensitive_from(secret),
-                                                        sealed_object_template(policy_digest),
-                                                        session1=session)[:2]
+            sensitive = _sensitive_from(secret)
+            try:
+                with self._session(parent, TPM2_SE.HMAC, attrs) as session:
+                    with self._tss("TPM2_Create (sealed object)"):
+                        private, public = self.esapi.create(parent, sensitive, sealed_object_template(policy_digest),
+                                                            session1=session)[:2]
+            finally:
+                _wipe_sensitive(sensitive)
         return private.marshal() + public.marshal(), alg
 
     def live_policy_digest(self, pcrs: Sequence[int], bank: str) -> bytes:
