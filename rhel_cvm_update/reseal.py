@@ -111,8 +111,12 @@ def find_unlock_token(tpm, tokens: Mapping[int, SystemdTpm2Token]) -> Optional[i
             continue
         key = (token.pcrs, token.bank)
         if key not in live:
-            live[key] = tpm.live_policy_digest(token.pcrs, token.bank)
-        if hmac.compare_digest(live[key], token.policy_hash):
+            try:
+                live[key] = tpm.live_policy_digest(token.pcrs, token.bank)
+            except MachineError:
+                # The TPM has no such bank allocated: this token cannot unseal here.
+                live[key] = b""
+        if live[key] and hmac.compare_digest(live[key], token.policy_hash):
             return token_id
     return None
 

@@ -199,3 +199,28 @@ def test_pcr_options_are_checked(options, message):
 
 def test_pcr_options_parse():
     assert parse_pcr_options(["7=" + "ab" * 32, "4=" + "CD" * 32], [4, 7]) == {4: b"\xcd" * 32, 7: b"\xab" * 32}
+
+
+def test_token_claiming_the_wrong_bank_is_never_unsealed(fresh_swtpm, luks2_image, tmp_path):
+    """A token sealed over sha256 values whose JSON says sha1: the live sha1 digest differs,
+    so it is not used and no dictionary-attack try is spent."""
+    import json
+    config = _config(fresh_swtpm, luks2_image, tmp_path)
+    luks = Cryptsetup(luks2_image)
+    with tpm_adapter.Tpm(fresh_swtpm.tcti) as tpm, _key() as key:
+        enrolled = reseal(config, luks, tpm, pcr_values=fresh_swtpm.read_sha256([4, 7]), key=key)
+    token = luks.export_token(enrolled["token"])
+    token["tpm2-pcr-bank"] = "sha1"
+    cryptsetup("token", "import", "--token-replace", "--token-id", str(enrolled["token"]), "--json-file", "-",
+               luks2_image, input_bytes=json.dumps(token).encode())
+    before = header_bytes(luks2_image)
+    lockout = [line for line in fresh_swtpm.tool("tpm2_getcap", "properties-variable").stdout.splitlines()
+               if "LOCKOUT_COUNTER" in line]
+    with tpm_adapter.Tpm(fresh_swtpm.tcti) as tpm:
+        with pytest.raises(MachineError, match="no systemd-tpm2 token is sealed to the current PCRs"):
+            reseal(config, luks, tpm, pcr_values={4: UKI, 7: SHIM})
+        with pytest.raises(MachineError, match="current sha1 PCRs"):
+            tpm.unseal(luks.metadata().systemd_tpm2_tokens()[enrolled["token"]], enrolled["token"])
+    assert header_bytes(luks2_image) == before
+    assert [line for line in fresh_swtpm.tool("tpm2_getcap", "properties-variable").stdout.splitlines()
+            if "LOCKOUT_COUNTER" in line] == lockout
