@@ -224,3 +224,22 @@ def test_token_claiming_the_wrong_bank_is_never_unsealed(fresh_swtpm, luks2_imag
     assert header_bytes(luks2_image) == before
     assert [line for line in fresh_swtpm.tool("tpm2_getcap", "properties-variable").stdout.splitlines()
             if "LOCKOUT_COUNTER" in line] == lockout
+
+
+def test_newest_uki_is_chosen_by_mtime(tmp_path):
+    from rhel_cvm_update.reseal import newest_uki
+    for name, mtime in (("b.efi", 200), ("a.EFI", 300), ("c.efi", 100), ("notes.txt", 400)):
+        (tmp_path / name).write_bytes(b"MZ")
+        os.utime(tmp_path / name, (mtime, mtime))
+    assert newest_uki(str(tmp_path)) == str(tmp_path / "a.EFI")
+    with pytest.raises(ConfigError, match="missing: No such file or directory"):
+        newest_uki(str(tmp_path / "missing"))
+
+
+def test_without_pcr_values_the_prediction_needs_a_uki(fresh_swtpm, luks2_image, tmp_path):
+    (tmp_path / "empty").mkdir()
+    config = config_from_mapping({"tpm": fresh_swtpm.tcti, "luks_device": luks2_image,
+                                  "state_dir": str(tmp_path / "state"), "uki_dir": str(tmp_path / "empty")})
+    with tpm_adapter.Tpm(fresh_swtpm.tcti) as tpm:
+        with pytest.raises(ConfigError, match="no UKI"):
+            reseal(config, Cryptsetup(luks2_image), tpm)
