@@ -51,6 +51,7 @@ DISK_MIB = 48
 ESP_FIRST_LBA = 2048
 BOOT_ENTRY_NUMBER = "0007"
 SHIM_ESP_PATH = "\\EFI\\redhat\\shimx64.efi"
+SHIM_DEFAULT_SECOND_STAGE = "\\EFI\\redhat\\grubx64.efi"
 QEMU_TIMEOUT_SECONDS = 420
 
 
@@ -73,6 +74,15 @@ class Scenario:
     shim: Path
     shim_origin: str
     uki: UkiSpec
+    # True: optional data = UCS-2 path + NUL (efibootmgr -@).  False: `efibootmgr -u PATH`, which
+    # stores the UCS-2 path without a NUL; shim then ignores it and loads grubx64.efi from its own
+    # directory, so the UKI is also put there and the scenario records which path shim measured.
+    optional_data_nul: bool = True
+
+    @property
+    def shim_loads(self) -> str:
+        """The second-stage path shim is expected to load (and log in PCR4)."""
+        return self.uki.esp_path if self.optional_data_nul else SHIM_DEFAULT_SECOND_STAGE
 
 
 # `quiet loglevel=0` keeps kernel messages out of the serial blocks; panic=-1 with -no-reboot ends
@@ -95,6 +105,11 @@ SCENARIOS = {s.name: s for s in (
              True, SHIM_SIGNED, SHIM_SIGNED_ORIGIN, UKI_B),
     Scenario("sb-off-shim-b-uki-a", "Secure Boot off; a different shim build (shim-unsigned) -> unsigned UKI A",
              False, SHIM_UNSIGNED, SHIM_UNSIGNED_ORIGIN, UKI_A),
+    Scenario("sb-off-uki-a-entry-no-nul",
+             "Secure Boot off; as sb-off-uki-a but the boot entry was made with `efibootmgr -u \\EFI\\Linux\\uki-a.efi` "
+             "(optional data without a terminating NUL): shim ignores it and loads \\EFI\\redhat\\grubx64.efi, "
+             "a copy of UKI A",
+             False, SHIM_SIGNED, SHIM_SIGNED_ORIGIN, UKI_A, optional_data_nul=False),
 )}
 
 
@@ -219,23 +234,28 @@ def make_esp_disk(disk: Path, files: Dict[str, Path]) -> Dict[str, object]:
             "esp_first_lba": first, "esp_sectors": sectors, "files": sorted(files)}
 
 
-def make_boot_entry(disk: Path, work: Path, second_stage: str) -> Dict[str, object]:
+def make_boot_entry(disk: Path, work: Path, second_stage: str, nul_terminated: bool = True) -> Dict[str, object]:
     """Boot#### + BootOrder for shim with the UKI path as optional data, written by efibootmgr.
 
     efibootmgr reads the GPT through a loop device and writes into a directory laid out like
-    efivarfs.  The optional data is the UCS-2 path with a terminating NUL (passed raw with -@):
-    shim's split_load_options only finds a path that ends in L' ' or L'\\0'.
+    efivarfs.  With ``nul_terminated`` the optional data is the UCS-2 path with a terminating NUL
+    (passed raw with -@): shim's split_load_options only finds a path that ends in L' ' or L'\\0'.
+    Without it the entry is what `efibootmgr -u PATH` writes (no NUL).
     """
     efivars = work / "efibootmgr-vars"
     shutil.rmtree(efivars, ignore_errors=True)
     efivars.mkdir()
-    optional = work / "optional-data.bin"
-    optional.write_bytes(second_stage.encode("utf-16-le") + b"\0\0")
+    if nul_terminated:
+        optional = work / "optional-data.bin"
+        optional.write_bytes(second_stage.encode("utf-16-le") + b"\0\0")
+        optional_args = ["-@", str(optional)]
+    else:
+        optional_args = ["-u", second_stage]
     loop = realbins.run(["losetup", "-f", "--show", str(disk)]).stdout.decode().strip()
     try:
         env = dict(os.environ, EFIVARFS_PATH=str(efivars) + "/", LIBEFIVAR_OPS="efivarfs")
         realbins.run(["efibootmgr", "-q", "-b", BOOT_ENTRY_NUMBER, "-c", "-d", loop, "-p", "1",
-                      "-l", SHIM_ESP_PATH, "-L", "rhel-cvm-update capture", "-@", str(optional)], env=env)
+                      "-l", SHIM_ESP_PATH, "-L", "rhel-cvm-update capture"] + optional_args, env=env)
         listing = realbins.run(["efibootmgr", "-v"], env=env).stdout.decode()
     finally:
         realbins.run(["losetup", "-d", loop])
@@ -248,7 +268,8 @@ def make_boot_entry(disk: Path, work: Path, second_stage: str) -> Dict[str, obje
         "number": BOOT_ENTRY_NUMBER,
         "loader": SHIM_ESP_PATH,
         "optional_data": second_stage,
-        "optional_data_encoding": "UCS-2LE with terminating NUL",
+        "optional_data_encoding": ("UCS-2LE with terminating NUL (efibootmgr -@ FILE)" if nul_terminated
+                                   else "UCS-2LE without NUL (efibootmgr -u PATH)"),
         "efibootmgr_v": line,
         "variables": {
             entry_name: {"attr": struct.unpack_from("<I", entry)[0], "data": entry[4:].hex()},
@@ -352,8 +373,9 @@ def capture(scenario: Scenario, out_root: Path, work: Path,
         raise CaptureError("%s needs a db key pair" % scenario.name)
     uki = build_uki(scenario.uki, work, keys if scenario.secure_boot else None)
     disk = work / "disk.img"
-    esp = make_esp_disk(disk, {SHIM_ESP_PATH: scenario.shim, scenario.uki.esp_path: uki.path})
-    boot_entry = make_boot_entry(disk, work, scenario.uki.esp_path)
+    esp_files = {SHIM_ESP_PATH: scenario.shim, scenario.uki.esp_path: uki.path, scenario.shim_loads: uki.path}
+    esp = make_esp_disk(disk, esp_files)
+    boot_entry = make_boot_entry(disk, work, scenario.uki.esp_path, scenario.optional_data_nul)
 
     code = OVMF_DIR / ("OVMF_CODE_4M.secboot.fd" if scenario.secure_boot else "OVMF_CODE_4M.fd")
     template = OVMF_DIR / ("OVMF_VARS_4M.ms.fd" if scenario.secure_boot else "OVMF_VARS_4M.fd")
@@ -430,7 +452,7 @@ def capture(scenario: Scenario, out_root: Path, work: Path,
             "authenticode_sha256": realbins.pesign_digest(scenario.shim),
             "authenticode_tool": "pesign -h -d sha256 (pesign %s)" % dpkg_version("pesign"),
         },
-        "uki": uki.record,
+        "uki": dict(uki.record, shim_loads=scenario.shim_loads),
         "tools": {"objcopy": tool_version(["objcopy", "--version"]),
                   "sbsign": "sbsigntool " + dpkg_version("sbsigntool"),
                   "efibootmgr": "efibootmgr " + dpkg_version("efibootmgr"),

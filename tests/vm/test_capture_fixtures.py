@@ -128,7 +128,7 @@ class TestFixtureIntegrity:
         shim_path, uki_path = events[0]["Event"]["DevicePath"], events[1]["Event"]["DevicePath"]
         assert shim_path.endswith(ucs2_file_node(record["shim"]["esp_path"]))
         assert shim_path.startswith("02010c00d041030a")  # PciRoot: the full path BDS loaded from
-        assert uki_path == ucs2_file_node(record["uki"]["esp_path"])  # shim logs one File() node
+        assert uki_path == ucs2_file_node(record["uki"]["shim_loads"])  # shim logs one File() node
         if not record["secure_boot"]:
             assert events[2]["Event"]["DevicePath"] == SYSTEMD_STUB_KERNEL_VENDOR_NODE
 
@@ -188,6 +188,14 @@ class TestAcrossScenarios:
 
     def test_secure_boot_state_changes_pcr7(self, alg):
         assert _pcr("sb-off-uki-a", alg, 7) != _pcr("sb-on-uki-a", alg, 7)
+
+    def test_an_entry_without_nul_makes_shim_load_grubx64_with_the_same_pcr4(self, alg):
+        # PCR4 digests do not cover the logged device path: the same binaries give the same PCR4
+        # whichever path shim took; PCR1 (the Boot#### bytes) tells the two entries apart.
+        record = boot_json("sb-off-uki-a-entry-no-nul")
+        assert record["uki"]["shim_loads"] == capture.SHIM_DEFAULT_SECOND_STAGE != record["boot_entry"]["optional_data"]
+        assert _pcr("sb-off-uki-a", alg, 4) == _pcr("sb-off-uki-a-entry-no-nul", alg, 4)
+        assert _pcr("sb-off-uki-a", alg, 1) != _pcr("sb-off-uki-a-entry-no-nul", alg, 1)
 
     def test_the_two_ukis_differ_in_kernel_build_and_cmdline(self, alg):
         a, b = boot_json("sb-off-uki-a")["uki"], boot_json("sb-off-uki-b")["uki"]
