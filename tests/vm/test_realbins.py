@@ -5,7 +5,6 @@ import random
 import shutil
 import subprocess
 import struct
-from pathlib import Path
 
 import pytest
 
