@@ -9,7 +9,7 @@ operation fail.
 
 import contextlib
 import hmac
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 from rhel_cvm_update.errors import ConfigError, FormatError, MachineError, UnsupportedError
 from rhel_cvm_update.formats import tpm_policy
@@ -37,7 +37,6 @@ SRK_HANDLE = 0x81000001
 # Sealed object (reference 4.4): fixedTPM | fixedParent, nothing else, so only the
 # policy can authorise an unseal.
 SEALED_OBJECT_ATTRIBUTES = 0x00000012
-SECRET_SIZE = 32
 
 # Bank names as systemd writes them in tpm2-pcr-bank, mapped to TPM_ALG_ID.
 PCR_BANKS: Dict[str, int] = {
@@ -262,13 +261,13 @@ class Tpm:
                 self.esapi.trsess_set_attributes(session, attributes)
             yield session
 
-    def seal(self, secret: Secret, policy_digest: bytes, primary_alg: Optional[str] = None) -> Tuple[bytes, str]:
+    def seal(self, secret: Secret, policy_digest: bytes) -> Tuple[bytes, str]:
         """Seal ``secret`` under systemd 252's legacy primary with authPolicy
         ``policy_digest``.  Returns (tpm2-blob, primary algorithm).  Like systemd, ECC
         first and RSA when the TPM cannot make the ECC primary."""
         if len(policy_digest) != 32:
             raise ConfigError(f"a sha256 policy digest has 32 bytes, got {len(policy_digest)}")
-        algs = [primary_alg] if primary_alg else ["ecc", "rsa"]
+        algs = ["ecc", "rsa"]
         with contextlib.ExitStack() as stack:
             for alg in algs:
                 try:
