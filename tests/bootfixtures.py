@@ -83,3 +83,35 @@ def boot_env(tmp_path, small_uki) -> BootEnv:
                       f"vendor: redhat\n")
     return BootEnv(tmp_path, efivars, esp, uki_dir, disk, config, 1, 2048, 65536, guid,
                    small_uki)
+
+
+CORPUS = Path("/work/shared/eventlog-corpus")
+CAPTURED_BOOTS = Path(__file__).resolve().parent / "data" / "boots"
+
+
+def real_boot_variables():
+    """(origin, Boot#### data) of every distinct load option real firmware wrote: the
+    EV_EFI_VARIABLE_BOOT events (PCR1) of the shared event-log corpus, and the Boot####
+    variables the VM captures read from OVMF.  Empty when neither is present."""
+    from rhel_cvm_update.errors import CvmUpdateError
+    from rhel_cvm_update.formats.loadopt import boot_number
+    from rhel_cvm_update.formats.tcglog import decode_event_data, parse_event_log
+
+    found = {}
+    if CORPUS.is_dir():
+        for path in sorted(p for p in CORPUS.rglob("*") if p.is_file()
+                           and p.suffix not in (".md", ".tsv")):
+            try:
+                log = parse_event_log(path.read_bytes(), source=str(path))
+            except CvmUpdateError:
+                continue  # not an event log, or one the log tests deal with
+            for event in log.events:
+                if event.event_type != 0x80000002:  # EV_EFI_VARIABLE_BOOT
+                    continue
+                variable = decode_event_data(event)
+                if boot_number(variable.name) is not None:
+                    found.setdefault(variable.data, f"{path.relative_to(CORPUS)}:{variable.name}")
+    for path in sorted(CAPTURED_BOOTS.glob("*/efivars/Boot*-8be4df61-93ca-11d2-aa0d-00e098032b8c")):
+        if boot_number(path.name.split("-", 1)[0]) is not None:
+            found.setdefault(path.read_bytes()[4:], str(path.relative_to(CAPTURED_BOOTS)))
+    return [(origin, data) for data, origin in found.items()]

@@ -226,18 +226,19 @@ _GENERIC_TYPE_TEXT = {HARDWARE: "HardwarePath", ACPI: "AcpiPath", MESSAGING: "Ms
 
 
 def _fixed(layout: str, render: Callable[..., str]) -> TextFormatter:
-    """A formatter for a node with a fixed layout; other lengths raise _WrongLength."""
+    """A formatter for a node with a fixed layout; other lengths get the generic text."""
     shape = struct.Struct("<" + layout)
 
     def formatter(data: bytes) -> str:
         if len(data) != shape.size:
-            raise _WrongLength
+            raise _NoSpecificText
         return render(*shape.unpack(data))
     return formatter
 
 
-class _WrongLength(Exception):
-    """Internal: the node's data does not have its layout's size."""
+class _NoSpecificText(Exception):
+    """Internal: this node has no text of its own (wrong length for its layout, or a variant
+    libefivar does not name); it is printed in the generic form of its type."""
 
 
 def _acpi_hid(hid: int, uid: int) -> str:
@@ -247,7 +248,7 @@ def _acpi_hid(hid: int, uid: int) -> str:
 
 def _acpi_adr(data: bytes) -> str:
     if not data or len(data) % 4:
-        raise _WrongLength
+        raise _NoSpecificText
     values = struct.unpack(f"<{len(data) // 4}I", data)
     return "AcpiAdr(" + ",".join(f"{v:#x}" for v in values) + ")"
 
@@ -266,10 +267,25 @@ def _ipv4(local: bytes, remote: bytes, local_port: int, remote_port: int, protoc
 
 def _mac(data: bytes) -> str:
     if len(data) != 33:
-        raise _WrongLength
+        raise _NoSpecificText
     if_type = data[32]
     address = data[:6] if if_type < 2 else data[:32]
     return f"MAC({address.hex()},{if_type})"
+
+
+_USB_CLASS_TEXT = {0x01: "UsbAudio", 0x02: "UsbCDCControl", 0x03: "UsbHID", 0x06: "UsbImage",
+                   0x07: "UsbPrinter", 0x08: "UsbMassStorage", 0x09: "UsbHub",
+                   0x0A: "UsbCDCData", 0x0B: "UsbSmartCard", 0x0E: "UsbVideo",
+                   0xDC: "UsbDiagnostic", 0xE0: "UsbWireless"}
+
+
+def _usb_class(vendor: int, product: int, device_class: int, subclass: int, protocol: int) -> str:
+    label = _USB_CLASS_TEXT.get(device_class)
+    if label:
+        return f"{label}({vendor:#x},{product:#x},{subclass},{protocol})"
+    if device_class == 0xFE:
+        raise _NoSpecificText
+    return f"UsbClass({vendor:x},{product:x},{subclass},{protocol})"
 
 
 def _uri(data: bytes) -> str:
@@ -282,7 +298,7 @@ def _nvme(namespace: int, eui: bytes) -> str:
 
 def _ramdisk(data: bytes) -> str:
     if len(data) != 34:
-        raise _WrongLength
+        raise _NoSpecificText
     start, end = struct.unpack_from("<QQ", data, 0)
     disk_type = uuid.UUID(bytes_le=data[16:32])
     (instance,) = struct.unpack_from("<H", data, 32)
@@ -295,14 +311,14 @@ def _ramdisk(data: bytes) -> str:
 def _guid_node(label: str) -> TextFormatter:
     def formatter(data: bytes) -> str:
         if len(data) != 16:
-            raise _WrongLength
+            raise _NoSpecificText
         return f"{label}({uuid.UUID(bytes_le=data)})"
     return formatter
 
 
 def _uart(data: bytes) -> str:
     if len(data) != 15:
-        raise _WrongLength
+        raise _NoSpecificText
     baud, data_bits, parity, stop_bits = struct.unpack_from("<QBBB", data, 4)
     parity_text = "DNEOMS"[parity] if parity <= 5 else str(parity)
     stop_text = ("D", "1", "1.5", "2")[stop_bits] if stop_bits <= 3 else str(stop_bits)
@@ -311,7 +327,7 @@ def _uart(data: bytes) -> str:
 
 def _bbs(data: bytes) -> str:
     if len(data) < 5 or data[-1] != 0:
-        raise _WrongLength
+        raise _NoSpecificText
     device_type, status = struct.unpack_from("<HH", data, 0)
     description = data[4:-1].split(b"\0", 1)[0].decode("latin-1")
     kind = _BBS_DEVICE_TYPES.get(device_type, str(device_type))
@@ -331,6 +347,7 @@ NODE_TEXT: Dict[Tuple[int, int], TextFormatter] = {
     (MESSAGING, 0x0B): _mac,
     (MESSAGING, 0x0C): _fixed("4s4sHHHB4s4s", _ipv4),
     (MESSAGING, 0x0E): _uart,
+    (MESSAGING, 0x0F): _fixed("HHBBB", _usb_class),
     (MESSAGING, 0x11): _fixed("B", lambda lun: f"Unit({lun})"),
     # libefivar 37 prints the port multiplier port unsigned: 0xFFFF (none) shows as 65535.
     (MESSAGING, 0x12): _fixed("HHH", lambda hba, pmp, lun: f"Sata({hba},{pmp},{lun})"),
@@ -376,7 +393,7 @@ def node_text(node: DevicePathNode) -> str:
     if formatter is not None:
         try:
             return formatter(node.data)
-        except _WrongLength:
+        except _NoSpecificText:
             pass
     generic = _GENERIC_TYPE_TEXT.get(node.type)
     if generic:

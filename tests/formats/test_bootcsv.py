@@ -95,3 +95,15 @@ def test_arbitrary_bytes_parse_or_raise_format_error(raw):
         parse_boot_csv(raw)
     except FormatError:
         pass
+
+
+def test_debian_shim_package_csv():
+    """The BOOTX64.CSV Debian's shim package ships (no BOM, LF line ends)."""
+    from pathlib import Path
+
+    path = Path("/usr/lib/shim/BOOTX64.CSV")
+    if not path.exists():
+        pytest.skip("shim-unsigned/shim-signed's BOOTX64.CSV is not installed")
+    (entry,) = parse_boot_csv(path.read_bytes(), source=str(path))
+    assert (entry.filename, entry.label, entry.arguments) == ("shimx64.efi", "debian", "")
+    assert entry.comment.startswith("This is the boot entry for")

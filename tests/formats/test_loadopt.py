@@ -185,3 +185,15 @@ def test_mutated_options_parse_or_raise_format_error(option, data):
     except FormatError:
         return
     assert decoded.to_bytes() == bytes(raw[:cut])
+
+
+def test_every_load_option_real_firmware_wrote_reencodes_byte_exact():
+    from tests.bootfixtures import real_boot_variables
+
+    variables = real_boot_variables()
+    if not variables:
+        pytest.skip("neither /work/shared/eventlog-corpus nor tests/data/boots is present")
+    for origin, data in variables:
+        option = LoadOption.from_bytes(data, source=origin)
+        assert option.to_bytes() == data, origin
+        device_path_text(option.device_path)

@@ -172,3 +172,34 @@ def test_device_path_text_matches_efibootmgr(tmp_path, nodes):
     decoded = LoadOption.from_bytes(option.to_bytes())
     line = boot_lines(efibootmgr(efivars, "-v"))["Boot0001"]
     assert line == "Boot0001* sample\t" + device_path_text(decoded.device_path)
+
+
+def test_real_firmware_entries_are_printed_like_efibootmgr(tmp_path):
+    """Every load option from real firmware (event-log corpus, VM captures) that has one device
+    path, no IPv6 node and ASCII optional data prints exactly as efibootmgr -v prints it.
+
+    The exclusions are efibootmgr quirks this tool does not copy: it prints only the first
+    device path of a FilePathList, its IPv6() text is byte-swapped, and it writes optional data
+    bytes >= 0x80 raw, so the terminal's locale decides what they look like."""
+    from rhel_cvm_update.bootmgr import BootEntry
+    from rhel_cvm_update.commands.boot import entry_line
+    from tests.bootfixtures import real_boot_variables
+
+    simple = []
+    for origin, data in real_boot_variables():
+        option = LoadOption.from_bytes(data, source=origin)
+        if (sum(n.type == 0x7F for n in option.device_path) == 1
+                and not any((n.type, n.subtype) == (0x03, 0x0D) for n in option.device_path)
+                and all(b < 0x80 for b in option.optional_data)):
+            simple.append((origin, data, option))
+    if not simple:
+        pytest.skip("no real firmware load options available")
+    efivars = tmp_path / "efivars"
+    efivars.mkdir()
+    store = EfiVarFs(str(efivars))
+    for number, (_, data, _) in enumerate(simple):
+        store.set(f"Boot{number:04X}", GLOBAL, data)
+    theirs = boot_lines(efibootmgr(efivars, "-v"))
+    for number, (origin, data, option) in enumerate(simple):
+        ours = entry_line(BootEntry(number, 7, data, option, None, False))
+        assert ours == theirs[f"Boot{number:04X}"], origin
