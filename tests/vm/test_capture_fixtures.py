@@ -132,6 +132,17 @@ class TestFixtureIntegrity:
         if not record["secure_boot"]:
             assert events[2]["Event"]["DevicePath"] == SYSTEMD_STUB_KERNEL_VENDOR_NODE
 
+    def test_pcr7_event_sequence(self, name):
+        events = [e for e in tpm2_eventlog(name)["events"] if e["PCRIndex"] == 7]
+        names = [e["Event"]["UnicodeName"] if e["EventType"] != "EV_SEPARATOR" else "separator" for e in events]
+        firmware_policy = ["SecureBoot", "PK", "KEK", "db", "dbx", "separator"]
+        if boot_json(name)["secure_boot"]:
+            # OVMF logs the db entry that verified shim; shim logs SbatLevel, then the db entry
+            # that verified the UKI.
+            assert names == firmware_policy + ["db", "SbatLevel", "db"]
+        else:
+            assert names == firmware_policy + ["SbatLevel"]
+
     def test_kernel_payload_digest_equals_the_raw_vmlinuz_digest(self, name):
         uki = boot_json(name)["uki"]
         assert uki["linux_section"]["virtual_size"] <= uki["linux_section"]["size_of_raw_data"]
