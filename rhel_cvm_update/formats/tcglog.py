@@ -163,9 +163,15 @@ def _is_padding(buf: bytes, pos: int, min_record: int) -> bool:
     """CCEL logs and some kernels hand out the whole reserved area: the log ends where only
     0x00 or only 0xFF bytes remain.  A tail shorter than the smallest record is not taken
     for padding: it is as likely the start of a truncated PCR0 record (PCRIndex 0)."""
-    rest = buf[pos:]
-    return len(rest) >= min_record and (rest.count(0) == len(rest)
-                                        or rest.count(0xFF) == len(rest))
+    remaining = len(buf) - pos
+    if remaining < min_record:
+        return False
+    # The first min_record bytes of a real record are never all equal (its EventType or
+    # digest count is not 0 or ~0), so only true padding pays for the scan of the rest.
+    for fill in (b"\0", b"\xff"):
+        if buf.count(fill, pos, pos + min_record) == min_record:
+            return buf.count(fill, pos) == remaining
+    return False
 
 
 def _parse_spec_id(data: bytes, source: str, base: int) -> SpecIdEvent:
