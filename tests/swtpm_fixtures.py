@@ -115,6 +115,10 @@ class Swtpm:
     def extend(self, pcr: int, sha256_digest: bytes) -> None:
         self.tool("tpm2_pcrextend", f"{pcr}:sha256={sha256_digest.hex()}")
 
+    def extend_banks(self, pcr: int, digests: Dict[str, bytes]) -> None:
+        """One event into several banks at once (as firmware does)."""
+        self.tool("tpm2_pcrextend", f"{pcr}:" + ",".join(f"{bank}={d.hex()}" for bank, d in sorted(digests.items())))
+
     def read_sha256(self, pcrs: Sequence[int]) -> Dict[int, bytes]:
         out = self.tool("tpm2_pcrread", "sha256:" + ",".join(str(p) for p in pcrs)).stdout
         values: Dict[int, bytes] = {}
