@@ -115,12 +115,21 @@ def test_convert_azure_import_token(fresh_swtpm, luks2_image, tmp_path):
     assert [(e["action"], e["keyslot"]) for e in result["converted"]] == [("converted", 1)]
     meta = luks.metadata()
     assert meta.tokens_of_type("tpm2-import") == []
-    converted = meta.systemd_tpm2_tokens()[result["converted"][0]["token"]]
+    converted_id = result["converted"][0]["token"]
+    converted = meta.systemd_tpm2_tokens()[converted_id]
     assert converted.keyslot == 1 and converted.policy_hash == _pcr_policy(current)
     assert converted.tool_record["converted_from"] == "tpm2-import"
     with pytest.raises(ConfigError, match="no tpm2-import token"):
         with tpm_adapter.Tpm(fresh_swtpm.tcti) as tpm:
             enroll_from_tpm2_import(config, luks, tpm)
+    # A run interrupted after importing the new token but before removing the old one:
+    # the next run only removes the import token.
+    cryptsetup("token", "import", "--json-file", "-", "--token-id", "5", luks2_image,
+               input_bytes=json.dumps(token).encode())
+    with tpm_adapter.Tpm(fresh_swtpm.tcti) as tpm:
+        resumed = enroll_from_tpm2_import(config, luks, tpm)
+    assert [(e["action"], e["token"]) for e in resumed["converted"]] == [("removed-import", converted_id)]
+    assert sorted(luks.metadata().tokens) == [converted_id]
 
     if not os.path.exists(SYSTEMD_CRYPTSETUP):
         pytest.skip(f"{SYSTEMD_CRYPTSETUP} not installed: systemd's own unseal not checked")
