@@ -243,3 +243,14 @@ def test_without_pcr_values_the_prediction_needs_a_uki(fresh_swtpm, luks2_image,
     with tpm_adapter.Tpm(fresh_swtpm.tcti) as tpm:
         with pytest.raises(ConfigError, match="no UKI"):
             reseal(config, Cryptsetup(luks2_image), tpm)
+
+
+def test_full_keyslot_area_fails_cleanly_through_reseal(fresh_swtpm, tmp_path):
+    from tests.swtpm_fixtures import make_luks2_image
+    image = make_luks2_image(str(tmp_path / "small.img"), "--luks2-keyslots-size", "256k")
+    before = header_bytes(image)
+    with tpm_adapter.Tpm(fresh_swtpm.tcti) as tpm, _key() as key:
+        with pytest.raises(MachineError, match="No space for new keyslot"):
+            reseal(_config(fresh_swtpm, image, tmp_path), Cryptsetup(image), tpm,
+                   pcr_values={4: SHIM, 7: UKI}, key=key)
+    assert header_bytes(image) == before
