@@ -18,10 +18,8 @@ from rhel_cvm_update import cli
 from rhel_cvm_update.adapters.efivarfs import EfiVarFs
 from rhel_cvm_update.adapters.esp import Esp, EspPartition
 from rhel_cvm_update.bootmgr import DESCRIPTION_PREFIX, BootManager
-from rhel_cvm_update.errors import FormatError
 from rhel_cvm_update.formats.bootcsv import parse_boot_csv
-from rhel_cvm_update.formats.devpath import (END_ENTIRE_NODE, FilePathNode, HardDriveNode,
-                                             device_path_bytes)
+from rhel_cvm_update.formats.devpath import END_ENTIRE_NODE, FilePathNode, HardDriveNode
 from rhel_cvm_update.formats.efi import EFI_GLOBAL_VARIABLE
 from rhel_cvm_update.formats.loadopt import LoadOption
 from tests.bootfixtures import UKI_VERSION, boot_env, small_uki  # noqa: F401

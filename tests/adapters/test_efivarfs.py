@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from rhel_cvm_update.adapters.efivarfs import EfiVarFs, EfiVariable
-from rhel_cvm_update.errors import FormatError, MachineError
+from rhel_cvm_update.errors import FormatError
 from rhel_cvm_update.formats.efi import EFI_GLOBAL_VARIABLE
 
 GLOBAL = EFI_GLOBAL_VARIABLE

@@ -17,8 +17,7 @@ from rhel_cvm_update import cli
 from rhel_cvm_update.adapters.efivarfs import EfiVarFs
 from rhel_cvm_update.adapters.esp import esp_from_disk
 from rhel_cvm_update.formats.devpath import (END_ENTIRE_NODE, DevicePathNode, FilePathNode,
-                                             HardDriveNode, VendorNode, device_path_bytes,
-                                             device_path_text)
+                                             VendorNode, device_path_bytes, device_path_text)
 from rhel_cvm_update.formats.efi import EFI_GLOBAL_VARIABLE
 from rhel_cvm_update.formats.loadopt import LoadOption, parse_boot_order
 from tests.bootfixtures import boot_env, small_uki  # noqa: F401  (pytest fixtures)
