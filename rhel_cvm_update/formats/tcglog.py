@@ -166,8 +166,8 @@ def _is_padding(buf: bytes, pos: int, min_record: int) -> bool:
     remaining = len(buf) - pos
     if remaining < min_record:
         return False
-    # The first min_record bytes of a real record are never all equal (its EventType or
-    # digest count is not 0 or ~0), so only true padding pays for the scan of the rest.
+    # The first min_record bytes of a real record are never all 0x00 or all 0xFF (its
+    # digest count or EventType is neither), so only true padding pays for scanning the rest.
     for fill in (b"\0", b"\xff"):
         if buf.count(fill, pos, pos + min_record) == min_record:
             return buf.count(fill, pos) == remaining
@@ -275,9 +275,10 @@ def _startup_locality(events: Iterable[TcgEvent]) -> int:
         if (event.event_type == EV_NO_ACTION and event.pcr == 0
                 and event.data[:16] == STARTUP_LOCALITY_SIGNATURE and len(event.data) == 17):
             return event.data[16]
-    # An H-CRTM sequence (TPM2_HashStart..HashEnd at locality 4) resets PCR0 to 4 before it
-    # extends; PFP 1.05 section 10.4.5.3 says firmware then logs EV_EFI_HCRTM_EVENT and no
-    # StartupLocality event.
+    # An H-CRTM sequence (_TPM_Hash_Start.._TPM_Hash_End, sent at locality 4) makes PCR0
+    # start at 4 before its extend, and firmware logs it as EV_EFI_HCRTM_EVENT without a
+    # StartupLocality event.  tpm2-tss replays such logs the same way, and the recorded
+    # PCR0 of the corpus's Hygon log (the only H-CRTM log) is reproduced only like this.
     for event in events:
         if event.event_type == EV_EFI_HCRTM_EVENT and event.pcr == 0:
             return 4
@@ -566,10 +567,9 @@ def _decode_image_load(event: TcgEvent, uintn_size: int, source: str) -> ImageLo
     # whose LengthOfDevicePath exactly fills the event wins, the declared one first.
     # shim before 15.3 logged sizeof(EFI_IMAGE_LOAD_EVENT) + path length, 8 or 9 bytes
     # more than the path needs: failing an exact fit, the declared layout may leave slack.
-    layouts = [struct.Struct("<QQQQ" if size == 8 else "<QIII")
-               for size in (uintn_size, 12 - uintn_size)]
-    fits = [(layout, exact) for exact in (True, False) for layout in layouts[:2 if exact else 1]]
-    for layout, exact in fits:
+    declared = struct.Struct("<QQQQ" if uintn_size == 8 else "<QIII")
+    other = struct.Struct("<QIII" if uintn_size == 8 else "<QQQQ")
+    for layout, exact in ((declared, True), (other, True), (declared, False)):
         if len(data) < layout.size:
             continue
         location, length, link, path_len = layout.unpack_from(data, 0)
