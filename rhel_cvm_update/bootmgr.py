@@ -26,7 +26,7 @@ deleted.  If a step fails, the steps already done are undone in reverse order.
 
 import dataclasses
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from rhel_cvm_update.adapters.efivarfs import NV_BS_RT, EfiVarFs
 from rhel_cvm_update.adapters.esp import Esp, EspPartition, UkiFile
@@ -82,10 +82,6 @@ class Change:
     new: Optional[bytes]
     summary: str
     is_file: bool = False
-
-    def to_json(self) -> Dict[str, object]:
-        return {"target": self.target, "action": self.action, "summary": self.summary,
-                "old": self.old, "new": self.new}
 
     @property
     def action(self) -> str:

@@ -183,6 +183,7 @@ def test_unreadable_and_foreign_entries_are_listed_and_kept(boot_env, capsys):
     out = capsys.readouterr().out
     assert "Boot0000  (unreadable:" in out and "FilePathListLength" in out
     assert "Managed by rhel-cvm-update: Boot0002" in out
+    assert "  \\EFI\\Linux\\k.efi  5.14.0-362.8.1.el9_3.x86_64  entries: Boot0002" in out
 
 
 def test_odd_boot_order_is_refused_and_nothing_changes(boot_env, capsys):
@@ -219,6 +220,8 @@ def test_list_json(boot_env, capsys):
     assert entry["managed"] and entry["uki"] == "\\EFI\\Linux\\k.efi"
     assert entry["device_path"] == (f"HD(1,GPT,{env.partition_guid},0x800,0x10000)/"
                                     "File(\\EFI\\redhat\\shimx64.efi)")
+    assert data["ukis"] == [{"path": str(uki), "esp_path": "\\EFI\\Linux\\k.efi",
+                             "kernel_version": UKI_VERSION, "problem": None}]
 
 
 def test_plan_then_apply_undoes_everything_when_a_later_step_fails(boot_env):

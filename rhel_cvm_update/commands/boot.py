@@ -66,6 +66,7 @@ def entry_line(entry) -> str:
 def run_list(args: argparse.Namespace, config) -> int:
     manager = _manager(config, need_partition=False)
     state = manager.state()
+    ukis = manager.esp.list_ukis(config.uki_dir)
     if args.json:
         print_json({
             "boot_current": state.boot_current,
@@ -75,6 +76,7 @@ def run_list(args: argparse.Namespace, config) -> int:
                              in_boot_order=e.number in state.boot_order, error=e.error,
                              uki=e.uki_path, **(e.option.to_json() if e.option else {}))
                         for e in state.entries],
+            "ukis": ukis,
         })
         return 0
     if state.boot_current is not None:
@@ -86,6 +88,11 @@ def run_list(args: argparse.Namespace, config) -> int:
         print(entry_line(entry))
     managed = [e.name for e in state.entries if e.managed]
     print("Managed by rhel-cvm-update: " + (", ".join(managed) if managed else "none"))
+    print(f"UKIs in {config.uki_dir}:" + ("" if ukis else " none"))
+    for uki in ukis:
+        entries = [e.name for e in state.entries if (e.uki_path or "").lower() == uki.esp_path.lower()]
+        what = uki.kernel_version or f"not usable: {uki.problem}"
+        print(f"  {uki.esp_path}  {what}  entries: {', '.join(entries) or 'none'}")
     return 0
 
 
