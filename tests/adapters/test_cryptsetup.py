@@ -3,14 +3,15 @@
 import base64
 import os
 import stat
+import subprocess
 
 import pytest
 
 from rhel_cvm_update.adapters.cryptsetup import Cryptsetup
-from rhel_cvm_update.errors import ExternalToolError, FormatError, UnsupportedError
+from rhel_cvm_update.errors import ExternalToolError, FormatError, MachineError, UnsupportedError
 from rhel_cvm_update.secrets import Secret
 from tests.swtpm_fixtures import (TEST_PASSPHRASE, cryptsetup, header_bytes, luks2_image,  # noqa: F401
-                                  luks2_template, make_luks2_image)
+                                  luks2_template, make_luks2_image, missing_tools)
 
 pytestmark = pytest.mark.root
 
@@ -105,3 +106,39 @@ def test_full_keyslot_area_fails_cleanly(tmp_path):
             luks.add_keyslot(old, new, 1)
     assert "luksAddKey" in str(err.value) and "No space for new keyslot" in str(err.value)
     assert header_bytes(image) == before
+
+
+def _loop_disk(tmp_path, *sgdisk_args):
+    image = tmp_path / "gpt.img"
+    with open(image, "wb") as f:
+        f.truncate(16 * 1024 * 1024)
+    subprocess.run(["sgdisk", *sgdisk_args, str(image)], check=True, capture_output=True)
+    return subprocess.run(["losetup", "-fP", "--show", str(image)], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+@pytest.mark.parametrize("sgdisk_args,expect", [
+    (("-n", "1:2048:+4M", "-t", "1:ef00", "-n", "2:0:0", "-t", "2:8304"), "p2"),
+    (("-n", "1:2048:+4M", "-t", "1:8304", "-n", "2:0:0", "-t", "2:8304"), "several"),
+])
+def test_auto_finds_the_x86_64_root_partition(tmp_path, sgdisk_args, expect):
+    if missing_tools(["sgdisk", "losetup"]):
+        pytest.skip("sgdisk/losetup not installed")
+    if not os.path.isdir("/run/udev/data"):
+        pytest.skip("udev is not running here: no ID_PART_ENTRY_TYPE for pyudev to read")
+    from rhel_cvm_update.adapters.cryptsetup import resolve_device
+    try:
+        disk = _loop_disk(tmp_path, *sgdisk_args)
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"no loop device: {e.stderr}")
+    try:
+        subprocess.run(["udevadm", "settle"], check=False, timeout=30)
+        if not os.path.exists(disk + "p1"):
+            pytest.skip("the kernel did not scan the loop device's partitions")
+        if expect == "several":
+            with pytest.raises(MachineError, match=f"several x86-64 root partitions.*{disk}p1"):
+                resolve_device("auto")
+        else:
+            assert resolve_device("auto") == disk + expect
+    finally:
+        subprocess.run(["losetup", "-d", disk], check=True)
