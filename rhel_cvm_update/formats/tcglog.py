@@ -97,6 +97,8 @@ SPEC_ID_PREFIX = b"Spec ID Event"
 # TCG 1.2 PC Client ("00") and EFI ("02") Spec ID events head SHA1-format logs.
 SPEC_ID_SHA1_FORMAT = (b"Spec ID Event00\0", b"Spec ID Event02\0")
 STARTUP_LOCALITY_SIGNATURE = b"StartupLocality\0"
+# The Linux EFI stub's EV_EVENT_TAG ids (systemd src/fundamental/tpm2-event-log.h).
+LINUX_EVENT_TAGS = {0x8F3B22EC: "Linux initrd", 0x8F3B22ED: "Linux load options"}
 SP800_155_SIGNATURES = (b"SP800-155 Event\0", b"SP800-155 Event2", b"SP800-155 Event3")
 
 _U32 = struct.Struct("<I")
@@ -516,7 +518,28 @@ class TaggedEvent:
         return {"tag_id": self.tag_id, "tag_data_hex": self.tag_data.hex()}
 
     def summary(self) -> str:
-        return f"tag {self.tag_id:#010x} ({len(self.tag_data)} bytes)"
+        name = LINUX_EVENT_TAGS.get(self.tag_id, f"tag {self.tag_id:#010x}")
+        try:
+            return f"{name}: {decode_text(self.tag_data)}"
+        except FormatError:
+            return f"{name} ({len(self.tag_data)} bytes)"
+
+
+@dataclasses.dataclass(frozen=True)
+class HandoffTables:
+    """UEFI_HANDOFF_TABLE_POINTERS(2): the configuration tables (SMBIOS, ACPI...) handed to
+    the OS, by vendor GUID and address."""
+
+    tables: Tuple[Tuple[uuid.UUID, int], ...]
+    description: Optional[str] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"description": self.description,
+                "tables": [{"guid": str(g), "address": a} for g, a in self.tables]}
+
+    def summary(self) -> str:
+        prefix = f"{self.description}: " if self.description else ""
+        return prefix + ", ".join(f"{g} at {a:#x}" for g, a in self.tables)
 
 
 def _data_base(event: TcgEvent) -> int:
@@ -743,6 +766,46 @@ def _decode_tagged(event: TcgEvent, uintn_size: int, source: str) -> TaggedEvent
     return TaggedEvent(_U32.unpack_from(data, 0)[0], bytes(data[8:]))
 
 
+def _decode_handoff_tables(event: TcgEvent, uintn_size: int, source: str) -> HandoffTables:
+    data, base = event.data, _data_base(event)
+    description = None
+    pos = 0
+    if event.event_type == EV_EFI_HANDOFF_TABLES2:
+        if not data or 1 + data[0] > len(data):
+            raise FormatError("TableDescriptionSize runs past the event", source=source,
+                              offset=base, field="TableDescriptionSize")
+        description = decode_text(data[1:1 + data[0]], source, base + 1, "TableDescription")
+        pos = 1 + data[0]
+    # NumberOfTables is a UINTN in the EFI_ form and a UINT64 in the UEFI_ form; the size
+    # whose count exactly fills the event wins, the declared one first.
+    for count_fmt in (struct.Struct("<Q" if uintn_size == 8 else "<I"),
+                      struct.Struct("<I" if uintn_size == 8 else "<Q")):
+        entry = struct.Struct("<16s" + count_fmt.format[-1])
+        if pos + count_fmt.size <= len(data):
+            (count,) = count_fmt.unpack_from(data, pos)
+            if count * entry.size == len(data) - pos - count_fmt.size:
+                start = pos + count_fmt.size
+                tables = tuple((uuid.UUID(bytes_le=g), address) for g, address in
+                               (entry.unpack_from(data, start + i * entry.size)
+                                for i in range(count)))
+                return HandoffTables(tables, description)
+    raise FormatError("NumberOfTables entries do not fill the event", source=source,
+                      offset=base + pos, field="NumberOfTables")
+
+
+def _decode_text_or_blob(event: TcgEvent, uintn_size: int, source: str) -> object:
+    """POST codes, S-CRTM contents and platform config flags: firmware writes either a
+    description ("ACPI DATA", "Boot Guard Measured S-CRTM") or a UEFI_PLATFORM_FIRMWARE_BLOB;
+    anything else is vendor data, shown raw."""
+    try:
+        return decode_text(event.data, source, _data_base(event), event.type_name)
+    except FormatError:
+        pass
+    if len(event.data) == 16 and event.event_type != EV_PLATFORM_CONFIG_FLAGS:
+        return FirmwareBlob(*struct.unpack("<QQ", event.data))
+    return None
+
+
 Decoder = Callable[[TcgEvent, int, str], object]
 EVENT_DATA_DECODERS: Dict[int, Decoder] = {
     EV_EFI_BOOT_SERVICES_APPLICATION: _decode_image_load,
@@ -763,6 +826,11 @@ EVENT_DATA_DECODERS: Dict[int, Decoder] = {
     EV_EFI_PLATFORM_FIRMWARE_BLOB: _decode_firmware_blob,
     EV_EFI_PLATFORM_FIRMWARE_BLOB2: _decode_firmware_blob2,
     EV_EVENT_TAG: _decode_tagged,
+    EV_EFI_HANDOFF_TABLES: _decode_handoff_tables,
+    EV_EFI_HANDOFF_TABLES2: _decode_handoff_tables,
+    EV_POST_CODE: _decode_text_or_blob,
+    EV_S_CRTM_CONTENTS: _decode_text_or_blob,
+    EV_PLATFORM_CONFIG_FLAGS: _decode_text_or_blob,
 }
 
 

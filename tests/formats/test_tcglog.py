@@ -362,7 +362,7 @@ def test_variable_with_shim15_slack():
     (tcglog.EV_IPL, b"grub_cmd: set timeout=5\0", "grub_cmd: set timeout=5"),
     (tcglog.EV_IPL, "initrd=\\x.img\0".encode("utf-16-le")[:-1], "initrd=\\x.img"),
     (tcglog.EV_EFI_HCRTM_EVENT, b"HCRTM", "HCRTM"),
-    (tcglog.EV_POST_CODE, b"x", None),
+    (tcglog.EV_COMPACT_HASH, b"x", None),
 ])
 def test_text_events(event_type, raw, text):
     assert tcglog.decode_event_data(event_of(event_type, raw)) == text
@@ -478,3 +478,39 @@ def test_descriptions_are_json():
 def test_decode_event_data_refuses_a_wrong_uintn_size():
     with pytest.raises(ValueError):
         tcglog.decode_event_data(event_of(tcglog.EV_SEPARATOR, SEPARATOR), uintn_size=2)
+
+
+def test_handoff_tables():
+    smbios = uuid.UUID("f2fd1544-9794-4a2c-992e-e5bbcf20e394")  # SMBIOS3_TABLE_GUID
+    entries = smbios.bytes_le + struct.pack("<Q", 0x7F5A0000)
+    tables = tcglog.decode_event_data(event_of(tcglog.EV_EFI_HANDOFF_TABLES,
+                                               struct.pack("<Q", 1) + entries, pcr=1))
+    assert tables == tcglog.HandoffTables(((smbios, 0x7F5A0000),))
+    tables2 = tcglog.decode_event_data(event_of(
+        tcglog.EV_EFI_HANDOFF_TABLES2, b"\x09SMBIOS3.0" + struct.pack("<Q", 1) + entries, pcr=1))
+    assert tables2.description == "SMBIOS3.0" and tables2.tables == ((smbios, 0x7F5A0000),)
+    # A 32-bit UINTN count (EFI_HANDOFF_TABLE_POINTERS on IA32) with 32-bit addresses.
+    ia32 = struct.pack("<I", 1) + smbios.bytes_le + struct.pack("<I", 0x7F5A0000)
+    assert tcglog.decode_event_data(event_of(tcglog.EV_EFI_HANDOFF_TABLES, ia32),
+                                    uintn_size=4).tables == ((smbios, 0x7F5A0000),)
+    with pytest.raises(FormatError):
+        tcglog.decode_event_data(event_of(tcglog.EV_EFI_HANDOFF_TABLES,
+                                          struct.pack("<Q", 2) + entries))
+
+
+@pytest.mark.parametrize("event_type,data,expected", [
+    (tcglog.EV_POST_CODE, b"ACPI DATA", "ACPI DATA"),
+    (tcglog.EV_POST_CODE, struct.pack("<QQ", 0xFF000000, 0x10000),
+     tcglog.FirmwareBlob(0xFF000000, 0x10000)),
+    (tcglog.EV_S_CRTM_CONTENTS, b"Boot Guard Measured S-CRTM\0", "Boot Guard Measured S-CRTM"),
+    (tcglog.EV_PLATFORM_CONFIG_FLAGS, b"No voltage offset", "No voltage offset"),
+    (tcglog.EV_PLATFORM_CONFIG_FLAGS, b"\x01\x00\x00\x00\x02", None),
+])
+def test_text_or_blob_events(event_type, data, expected):
+    assert tcglog.decode_event_data(event_of(event_type, data, pcr=0)) == expected
+
+
+def test_linux_event_tag_summary():
+    data = b"Linux initrd\0"
+    event = event_of(tcglog.EV_EVENT_TAG, struct.pack("<II", 0x8F3B22EC, len(data)) + data, pcr=9)
+    assert tcglog.describe_event(event)["summary"] == "Linux initrd: Linux initrd"
