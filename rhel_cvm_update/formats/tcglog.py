@@ -487,7 +487,8 @@ class GptEvent:
                                for p in self.partitions]}
 
     def summary(self) -> str:
-        return f"disk {self.disk_guid}, {len(self.partitions)} partitions"
+        count = len(self.partitions)
+        return f"disk {self.disk_guid}, {count} partition{'' if count == 1 else 's'}"
 
 
 @dataclasses.dataclass(frozen=True)
