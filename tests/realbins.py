@@ -14,7 +14,7 @@ Library use: ``from tests import realbins``.  Command line, from the repository 
 
 import argparse
 import array
-import gzip
+import zlib
 import hashlib
 import io
 import json
@@ -360,6 +360,15 @@ def _newc_entry(name: str, mode: int, data: bytes = b"", ino: int = 0, rdev: Tup
     return entry
 
 
+def reproducible_gzip(data: bytes) -> bytes:
+    """gzip of ``data`` with a fixed header (mtime 0, OS byte 3 as zlib writes it), the same
+    on every Python: 3.9's gzip.compress writes OS byte 255 where 3.11's writes 3."""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    body = deflate.compress(data) + deflate.flush()
+    return (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\x03" + body
+            + struct.pack("<II", zlib.crc32(data) & 0xFFFFFFFF, len(data) & 0xFFFFFFFF))
+
+
 def busybox_initramfs(out: Path, script: str, extra_files: Optional[Dict[str, Path]] = None,
                       busybox: Path = BUSYBOX) -> Path:
     """A gzip'ed newc cpio with busybox-static as /bin/busybox and ``script`` as /init.
@@ -392,7 +401,7 @@ def busybox_initramfs(out: Path, script: str, extra_files: Optional[Dict[str, Pa
         archive.write(_newc_entry(name, mode, data, ino, rdev))
     archive.write(_newc_entry("TRAILER!!!", 0))
     out = Path(out)
-    out.write_bytes(gzip.compress(archive.getvalue(), compresslevel=9, mtime=0))
+    out.write_bytes(reproducible_gzip(archive.getvalue()))
     return out
 
 
