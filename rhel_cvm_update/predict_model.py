@@ -134,21 +134,20 @@ def pcr7_events(efivars: EfiVars, shim: ImageMeasurement, uki: ImageMeasurement,
                                   f"the firmware would refuse it")
         events.append(_authority(UefiVariableData(EFI_IMAGE_SECURITY_DATABASE_GUID, "db", entry.to_bytes()),
                                  banks, f"the db entry that verifies {shim.path}"))
-    if variant.sbat_level_event:
-        level = _var(efivars, "SbatLevelRT", SHIM_LOCK_GUID)
-        if level is None:
-            raise PredictionError("shim's SbatLevel is measured but SbatLevelRT is not in efivarfs")
-        events.append(_authority(UefiVariableData(SHIM_LOCK_GUID, "SbatLevel", level), banks,
-                                 "shim's SBAT level (SbatLevelRT)"))
-    if variant.moksbstate_event:
-        state = _var(efivars, "MokSBStateRT", SHIM_LOCK_GUID)
-        if state is None:
-            raise PredictionError("MokSBState is measured but MokSBStateRT is not in efivarfs")
-        events.append(_authority(UefiVariableData(SHIM_LOCK_GUID, "MokSBState", state), banks,
-                                 "shim's MokSBState (MokSBStateRT)"))
+    # shim measures its own variables from the values it mirrors to the RT copies.
+    for measured, name in ((variant.sbat_level_event, "SbatLevel"), (variant.moksbstate_event, "MokSBState")):
+        if measured:
+            events.append(_shim_variable(efivars, name, banks))
     if secure_boot:
         events.append(_uki_authority(efivars, db, shim, uki, banks))
     return events
+
+
+def _shim_variable(efivars: EfiVars, name: str, banks: Sequence[str]) -> PlannedEvent:
+    value = _var(efivars, f"{name}RT", SHIM_LOCK_GUID)
+    if value is None:
+        raise PredictionError(f"shim measures {name}, but {name}RT is not in efivarfs")
+    return _authority(UefiVariableData(SHIM_LOCK_GUID, name, value), banks, f"shim's {name} ({name}RT)")
 
 
 def _uki_authority(efivars: EfiVars, db: Sequence[SignatureData], shim: ImageMeasurement,
