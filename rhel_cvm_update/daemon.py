@@ -1,0 +1,386 @@
+"""Running as a service: settle, sd_notify, journald, the logind shutdown inhibitor.
+
+`rhel-cvm-update.path` starts `rhel-cvm-update.service` as soon as dnf touches the ESP;
+the service waits for the directories to go quiet (``settle``), tells systemd where it is
+(``Notifier``), logs each outcome to the journal with structured fields (``JournalLog``)
+and holds a logind ``shutdown`` block inhibitor while it seals and writes variables
+(``ShutdownInhibitor``).  ``DaemonHooks`` bundles all of that behind the two calls the
+update transaction makes: ``hooks.step(name, detail)`` at every step boundary and
+``with hooks.critical():`` around sealing and variable writes.
+
+Outside systemd everything degrades to something useful: sd_notify is a no-op without
+``$NOTIFY_SOCKET``, log lines go to stderr, and without a system bus (or logind) the
+update runs uninhibited after saying so.
+
+Journal MESSAGE_IDs, one per outcome (``journalctl MESSAGE_ID=...`` finds them; the IDs
+never change once released):
+
+================================  =============  ==========================================
+MESSAGE_ID                        outcome        meaning
+================================  =============  ==========================================
+ff14a9457c47412bbffb575b7197b38b  staged         new UKI sealed (keyslot+token), entry and
+                                                 BootNext written: reboot when convenient
+d06d675ed45c42acbedc19f37c64088a  nothing-to-do  the ESP changed but no chain is new
+ecace3dc1e394cf1a5b7a1dfddb9b93a  refused        no trustworthy prediction: nothing sealed
+2c8641cc7eba49a29dac7abc1ca54fd2  confirmed      the trial boot came up with the predicted
+                                                 PCRs; its entry is now first in BootOrder
+46f146e909524beeb0acbac64ca554a0  trial-failed   the VM booted the old chain, not the staged
+                                                 one: left in place for the admin
+a84bd4574226443dba8ee0f494078959  removed        a retired chain lost its entry/token/keyslot
+592848afecfe4809b0ad41482483a88b  failed         an error stopped the transaction
+================================  =============  ==========================================
+
+Structured fields carry what an admin greps for: UKI, SHIM, PCR4/PCR7 (hex), TOKEN_ID,
+KEYSLOT, BOOT_ENTRY (``Boot0003``), STEP, SOURCE, REASON.
+"""
+
+import contextlib
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, TextIO, Tuple
+
+IDENTIFIER = "rhel-cvm-update"
+
+# syslog priorities (journal PRIORITY=)
+LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO, LOG_DEBUG = 3, 4, 5, 6, 7
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    message_id: str
+    priority: int
+
+
+OUTCOMES: Dict[str, Outcome] = {o.name: o for o in (
+    Outcome("staged", "ff14a9457c47412bbffb575b7197b38b", LOG_NOTICE),
+    Outcome("nothing-to-do", "d06d675ed45c42acbedc19f37c64088a", LOG_INFO),
+    Outcome("refused", "ecace3dc1e394cf1a5b7a1dfddb9b93a", LOG_WARNING),
+    Outcome("confirmed", "2c8641cc7eba49a29dac7abc1ca54fd2", LOG_NOTICE),
+    Outcome("trial-failed", "46f146e909524beeb0acbac64ca554a0", LOG_WARNING),
+    Outcome("removed", "a84bd4574226443dba8ee0f494078959", LOG_NOTICE),
+    Outcome("failed", "592848afecfe4809b0ad41482483a88b", LOG_ERR),
+)}
+
+
+# --- settle ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SettleResult:
+    quiet: bool        # False: max_wait ran out while the directories kept changing
+    waited: float      # seconds
+    changes: int       # how many times a directory was seen changing
+
+
+DirectoryState = Tuple[Any, ...]
+
+
+def directory_state(path: str) -> DirectoryState:
+    """What a writer changes in a directory: names, inodes (rename-over), sizes and
+    mtimes of the entries.  A missing directory is a state too (dnf may create it)."""
+    try:
+        with os.scandir(path) as it:
+            entries = list(it)
+    except FileNotFoundError:
+        return ("absent",)
+    except NotADirectoryError:
+        return ("not-a-directory",)
+    state: List[Tuple[Any, ...]] = []
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:  # deleted between scandir and stat: a change in progress
+            state.append((entry.name, "vanished"))
+            continue
+        state.append((entry.name, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(sorted(state))
+
+
+def settle(paths: Sequence[str], seconds: float, *, max_wait: Optional[float] = None,
+           clock: Callable[[], float] = time.monotonic,
+           sleep: Callable[[float], None] = time.sleep) -> SettleResult:
+    """Wait until none of ``paths`` has changed for ``seconds``.
+
+    dnf installs a kernel as several files (the UKI, then perhaps shim and BOOTX64.CSV),
+    each renamed into place; the path unit fires on the first.  Polling the directory
+    listings is enough to see those renames and the growth of a file being written.
+    The wait is bounded by ``max_wait`` (default: six quiet periods, at least a minute)
+    so that a directory that never settles cannot hold the service forever; the caller
+    then proceeds anyway, because a path unit does not fire again for writes it saw
+    while the service was running.
+    """
+    if seconds <= 0:
+        return SettleResult(quiet=True, waited=0.0, changes=0)
+    if max_wait is None:
+        max_wait = max(6 * seconds, 60.0)
+    interval = min(1.0, seconds / 4)
+    start = clock()
+    last_state = [directory_state(p) for p in paths]
+    quiet_since = start
+    changes = 0
+    while True:
+        now = clock()
+        if now - quiet_since >= seconds:
+            return SettleResult(quiet=True, waited=now - start, changes=changes)
+        if now - start >= max_wait:
+            return SettleResult(quiet=False, waited=now - start, changes=changes)
+        sleep(min(interval, seconds - (now - quiet_since), max_wait - (now - start)))
+        state = [directory_state(p) for p in paths]
+        if state != last_state:
+            changes += 1
+            last_state = state
+            quiet_since = clock()
+
+
+# --- sd_notify ------------------------------------------------------------------------
+
+class Notifier:
+    """sd_notify(3) through systemd-python.  sd_notify does nothing when
+    $NOTIFY_SOCKET is unset, which makes this a no-op outside a Type=notify unit."""
+
+    def __init__(self, notify: Optional[Callable[[str], Any]] = None):
+        if notify is None:
+            from systemd import daemon
+            notify = daemon.notify
+        self._notify = notify
+
+    def _send(self, *assignments: str) -> None:
+        # STATUS= is a single line: a newline would start a new assignment.
+        self._notify("\n".join(a.replace("\n", " ") for a in assignments))
+
+    def ready(self, status: str) -> None:
+        self._send("READY=1", f"STATUS={status}")
+
+    def status(self, status: str) -> None:
+        self._send(f"STATUS={status}")
+
+    def stopping(self, status: str) -> None:
+        self._send("STOPPING=1", f"STATUS={status}")
+
+
+# --- journald -------------------------------------------------------------------------
+
+_FIELD_NAME = re.compile(r"^[A-Z0-9][A-Z0-9_]*$")
+
+
+def journal_value(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    if isinstance(value, (list, tuple)):
+        return ",".join(journal_value(v) for v in value)
+    return str(value)
+
+
+def journal_fields(fields: Mapping[str, Any]) -> Dict[str, str]:
+    """Upper-case journal field names (journald drops names with other characters) with
+    text values; None values are left out."""
+    out: Dict[str, str] = {}
+    for name, value in fields.items():
+        if value is None:
+            continue
+        key = name.upper()
+        if not _FIELD_NAME.match(key) or len(key) > 64:
+            raise ValueError(f"not a journal field name: {name!r}")
+        out[key] = journal_value(value)
+    return out
+
+
+def stderr_is_journal(environ: Mapping[str, str] = os.environ) -> bool:
+    """systemd.exec(5): $JOURNAL_STREAM is "DEV:INODE" of the stream connected to the
+    journal; when it is our stderr, native journal messages reach the same place with
+    their fields intact."""
+    value = environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+class JournalLog:
+    """Structured log lines: native journal entries under systemd, plain stderr lines
+    (priority notice and above) elsewhere."""
+
+    def __init__(self, sink: Optional[str] = None, stream: Optional[TextIO] = None,
+                 stderr_priority: int = LOG_NOTICE):
+        if sink is None:
+            sink = "journal" if stderr_is_journal() else "stderr"
+        if sink not in ("journal", "stderr"):
+            raise ValueError(f"unknown log sink {sink!r}")
+        self.sink = sink
+        self.stream = stream
+        self.stderr_priority = stderr_priority
+        if sink == "journal":
+            from systemd import journal
+            self._journal_send = journal.send
+
+    def send(self, message: str, *, priority: int = LOG_INFO, message_id: Optional[str] = None,
+             **fields: Any) -> None:
+        extra = journal_fields(fields)
+        if self.sink == "journal":
+            if message_id is not None:
+                extra["MESSAGE_ID"] = message_id
+            self._journal_send(message, PRIORITY=str(priority), SYSLOG_IDENTIFIER=IDENTIFIER, **extra)
+            return
+        if priority > self.stderr_priority:
+            return
+        stream = self.stream if self.stream is not None else sys.stderr
+        stream.write(f"{IDENTIFIER}: {message}\n")
+        stream.flush()
+
+    def outcome(self, name: str, message: str, **fields: Any) -> None:
+        outcome = OUTCOMES[name]
+        self.send(message, priority=outcome.priority, message_id=outcome.message_id,
+                  OUTCOME=name, **fields)
+
+
+# --- logind shutdown inhibitor --------------------------------------------------------
+
+LOGIND_NAME = "org.freedesktop.login1"
+LOGIND_PATH = "/org/freedesktop/login1"
+LOGIND_MANAGER = "org.freedesktop.login1.Manager"
+
+
+class ShutdownInhibitor:
+    """A logind "shutdown" block inhibitor, held from __enter__ to __exit__.
+
+    org.freedesktop.login1.Manager.Inhibit returns a pipe fd; the inhibitor lasts as long
+    as that fd is open.  pydbus 0.6 drops fds returned by methods (LEW21/pydbus#42), so
+    the call goes through the Gio connection pydbus wraps (``bus.con``), which hands back
+    the fd list.  Without a bus, without logind, or when logind refuses, the update runs
+    uninhibited: the transaction is crash-safe, the inhibitor only spares the next boot a
+    recovery.
+    """
+
+    WHAT = "shutdown"
+    WHO = IDENTIFIER
+    WHY = "sealing the disk key for the new kernel"
+    MODE = "block"
+
+    def __init__(self, log: JournalLog, bus_address: Optional[str] = None, timeout_ms: int = 5000):
+        self.log = log
+        self.bus_address = bus_address
+        self.timeout_ms = timeout_ms
+        self.fd: Optional[int] = None
+
+    def _connect(self):
+        import pydbus
+        if self.bus_address:
+            return pydbus.connect(self.bus_address)
+        return pydbus.SystemBus()
+
+    def acquire(self) -> bool:
+        try:
+            from gi.repository import Gio, GLib
+        except ImportError as e:
+            self.log.send(f"shutdown not inhibited: no GObject introspection ({e})", priority=LOG_WARNING)
+            return False
+        try:
+            bus = self._connect()
+            reply, fd_list = bus.con.call_with_unix_fd_list_sync(
+                LOGIND_NAME, LOGIND_PATH, LOGIND_MANAGER, "Inhibit",
+                GLib.Variant("(ssss)", (self.WHAT, self.WHO, self.WHY, self.MODE)),
+                GLib.VariantType.new("(h)"), Gio.DBusCallFlags.NONE, self.timeout_ms, None, None)
+        except GLib.Error as e:
+            self.log.send(f"shutdown not inhibited: {e.message}", priority=LOG_WARNING)
+            return False
+        (index,) = reply.unpack()
+        fds = fd_list.steal_fds() if fd_list is not None else []
+        for i, fd in enumerate(fds):
+            if i != index:
+                os.close(fd)
+        if not 0 <= index < len(fds):
+            self.log.send("shutdown not inhibited: logind returned no file descriptor", priority=LOG_WARNING)
+            return False
+        self.fd = fds[index]
+        self.log.send("shutdown inhibited while sealing", priority=LOG_DEBUG)
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "ShutdownInhibitor":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
+
+
+# --- signals during a critical section ------------------------------------------------
+
+DEFERRED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT/SIGHUP until the block ends, then die of the first one as if
+    it had arrived then.  systemd stops the service with SIGTERM (then SIGKILL after
+    TimeoutStopSec); finishing a TPM seal or a variable write first leaves no step for
+    the next run to undo.  Only the main thread can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: List[int] = []
+
+    def remember(signum: int, frame: Any) -> None:
+        received.append(signum)
+
+    previous = {s: signal.signal(s, remember) for s in DEFERRED_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:
+            os.kill(os.getpid(), received[0])
+
+
+# --- the transaction's hooks ----------------------------------------------------------
+
+class DaemonHooks:
+    """What the update transaction calls at step boundaries and around critical work."""
+
+    def __init__(self, log: Optional[JournalLog] = None, notifier: Optional[Notifier] = None,
+                 inhibitor_factory: Optional[Callable[[JournalLog], ShutdownInhibitor]] = None):
+        self.log = log if log is not None else JournalLog()
+        self.notifier = notifier if notifier is not None else Notifier()
+        self._inhibitor_factory = inhibitor_factory if inhibitor_factory is not None else ShutdownInhibitor
+        self._depth = 0
+
+    def step(self, name: str, detail: Any = "") -> None:
+        fields: Dict[str, Any] = {}
+        if isinstance(detail, Mapping):
+            fields = {k: v for k, v in detail.items() if _FIELD_NAME.match(str(k).upper())}
+            text = ", ".join(f"{k}={journal_value(v)}" for k, v in detail.items())
+        else:
+            text = str(detail)
+        status = f"{name}: {text}" if text else name
+        self.notifier.status(status)
+        self.log.send(status, priority=LOG_INFO, STEP=name, **fields)
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._depth = 1
+        try:
+            with signals_deferred(), self._inhibitor_factory(self.log):
+                yield
+        finally:
+            self._depth = 0
