@@ -7,9 +7,9 @@ PYTEST_ARGS ?=
 APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev cryptsetup-bin efibootmgr pesign sbsigntool \
 	osslsigncode ovmf qemu-system-x86 shim-signed shim-unsigned systemd-boot-efi mtools rpm rpmlint gdisk \
 	dosfstools busybox-static cpio build-essential pkg-config libsystemd-dev libgirepository1.0-dev \
-	libcairo2-dev xz-utils zstd efitools openssl binutils util-linux
+	libcairo2-dev xz-utils zstd efitools openssl binutils util-linux dnf dnf-plugins-core man-db groff-base bash-completion
 
-.PHONY: setup apt venvs test test311 test39 bench clean
+.PHONY: setup apt venvs test test311 test39 bench clean rpm
 setup: apt venvs
 
 apt:
@@ -46,3 +46,11 @@ bench: .venv/.installed
 
 clean:
 	rm -rf .venv .venv39 build *.egg-info .pytest_cache .hypothesis
+
+# The RPM (noarch) from the sdist.  --nodeps: on Debian, rpm's database does not know
+# the build host's packages.  RPM_TOPDIR holds SOURCES, RPMS, SRPMS.
+RPM_TOPDIR ?= $(CURDIR)/build/rpm
+rpm: .venv/.installed
+	rm -rf $(RPM_TOPDIR) && mkdir -p $(RPM_TOPDIR)/SOURCES
+	.venv/bin/python -c 'import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])' $(RPM_TOPDIR)/SOURCES
+	rpmbuild -ba --nodeps --define "_topdir $(RPM_TOPDIR)" rpm/rhel-cvm-update.spec
