@@ -11,9 +11,12 @@ import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from rhel_cvm_update.errors import ConfigError
+from rhel_cvm_update.trust import read_trusted_file
 
 DEFAULT_CONFIG_PATH = "/etc/rhel-cvm-update/config.yaml"
 CONFIG_ENV = "RHEL_CVM_UPDATE_CONFIG"
+# A dozen keys fit in a few hundred bytes; a larger file is not a configuration.
+MAX_CONFIG_SIZE = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,24 +92,34 @@ def config_from_mapping(data: Any, source: str = "<config>") -> Config:
     return Config(values=values, source=source)
 
 
+def _parse_yaml(raw: bytes, path: str) -> Any:
+    import yaml  # imported here: `status` must start fast and yaml is not always needed
+
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:
+        # PyYAML's composer recurses once per nesting level ("[[[[..." thousands deep).
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> Config:
     """Read the config file.  A missing default file means all defaults; a missing
     explicitly named file is an error."""
-    import yaml  # imported here: `status` must start fast and yaml is not always needed
-
     explicit = path or os.environ.get(CONFIG_ENV)
     path = explicit or DEFAULT_CONFIG_PATH
     try:
-        with open(path, "rb") as f:
-            data = yaml.safe_load(f)
+        # The configuration names the LUKS device, the TPM and the event log: a file another
+        # user can write would let them choose what the key is sealed to.
+        raw = read_trusted_file(path, "configuration file", MAX_CONFIG_SIZE)
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"{path}: configuration file not found") from None
-        data, path = {}, None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raw, path = b"", None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    data = _parse_yaml(raw, path) if raw else {}
     merged: Dict[str, Any] = dict(data or {}) if isinstance(data, dict) else data
     if overrides and isinstance(merged, dict):
         merged.update({k: v for k, v in overrides.items() if v is not None})

@@ -31,6 +31,7 @@ from rhel_cvm_update.errors import ConfigError, MachineError, UnsupportedError
 from rhel_cvm_update.formats import tpm_policy
 from rhel_cvm_update.formats.luks_token import SystemdTpm2Token
 from rhel_cvm_update.secrets import Secret
+from rhel_cvm_update.trust import check_trusted_path, ensure_trusted_dir, require_live_checked
 
 PCR_BANK = "sha256"
 RESULT_FILE = "last-reseal.json"
@@ -90,7 +91,12 @@ def predict_target(config, tpm, uki: Optional[str]) -> Target:
     from rhel_cvm_update.predict import predict_next_boot
 
     uki_path = uki or newest_uki(config.uki_dir)
+    # What the key is sealed to comes from these files: none may be writable by another user.
+    check_trusted_path(uki_path, "UKI")
+    if os.path.exists(config.event_log):
+        check_trusted_path(config.event_log, "event log")
     prediction = predict_next_boot(config, uki_path, tpm=tpm)
+    require_live_checked(prediction)
     missing = [p for p in config.pcrs if p not in prediction.pcrs]
     if missing:
         raise UnsupportedError(f"the prediction for {uki_path} has no value for PCRs {missing}")
@@ -163,8 +169,8 @@ def _import_verified(luks, token: SystemdTpm2Token, token_id: int, passphrase: S
 
 def write_result(state_dir: str, result: Mapping[str, Any]) -> None:
     """Record the last result (no secrets) atomically in the state directory."""
+    ensure_trusted_dir(state_dir, "state directory")
     try:
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
         path = os.path.join(state_dir, RESULT_FILE)
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
