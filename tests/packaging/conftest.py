@@ -1,0 +1,1 @@
+from tests.packaging.rpmtools import project_rpm  # noqa: F401  (pytest fixture)

@@ -1,0 +1,175 @@
+"""The RPM: builds from the sdist, rpmlint-clean, lists and lays out every file where
+systemd, dnf 4, dnf 5 and kernel-install look, and rpm itself runs the file triggers
+once per transaction with the changed paths on stdin."""
+
+import os
+import re
+import stat
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from rhel_cvm_update.config import config_from_mapping
+from tests.packaging.rpmtools import NAME, RPMLINT_CONFIG, REPO, build_payload_rpm, require, run
+
+SITELIB = "/usr/lib/python3.9/site-packages"
+HOOK = "/usr/libexec/rhel-cvm-update/rhel-cvm-update-hook"
+# Where each consumer looks (reference 8; systemd.unit(5); man pages of the plugins).
+DESIGN_FILES = {
+    "/usr/bin/rhel-cvm-update": 0o755,
+    SITELIB + "/rhel_cvm_update/cli.py": 0o644,
+    SITELIB + "/rhel_cvm_update/commands/__init__.py": 0o644,
+    "/etc/rhel-cvm-update/config.yaml": 0o644,
+    "/usr/lib/systemd/system/rhel-cvm-update.path": 0o644,
+    "/usr/lib/systemd/system/rhel-cvm-update.service": 0o644,
+    "/usr/lib/systemd/system/rhel-cvm-update-confirm.service": 0o644,
+    "/usr/lib/systemd/system-preset/80-rhel-cvm-update.preset": 0o644,
+    HOOK: 0o755,
+    "/usr/lib/kernel/install.d/95-rhel-cvm-update.install": 0o755,
+    "/etc/dnf/plugins/post-transaction-actions.d/rhel-cvm-update.action": 0o644,
+    "/etc/dnf/libdnf5-plugins/actions.d/rhel-cvm-update.actions": 0o644,
+    "/usr/share/man/man8/rhel-cvm-update.8": 0o644,
+    "/usr/share/bash-completion/completions/rhel-cvm-update": 0o644,
+}
+TRIGGER_PATHS = "/boot/efi/EFI/Linux, /boot/efi/EFI/redhat, /usr/lib/modules"
+
+
+def test_rpmlint_reports_no_errors(project_rpm):
+    require("rpmlint")
+    result = run(["rpmlint", "-c", str(RPMLINT_CONFIG), str(project_rpm["binary"]),
+                  str(project_rpm["source"]), str(REPO / "rpm" / (NAME + ".spec"))])
+    summary = re.search(r"(\d+) errors, (\d+) warnings", result.stdout)
+    assert summary, result.stdout + result.stderr
+    assert summary.group(1) == "0", result.stdout
+    assert " E: " not in result.stdout
+
+
+def test_package_lists_every_file_of_the_design(project_rpm):
+    listed = set(run(["rpm", "-qlp", str(project_rpm["binary"])]).stdout.split())
+    missing = [path for path in DESIGN_FILES if path not in listed]
+    assert not missing
+    assert "/var/lib/rhel-cvm-update" in listed
+    config_files = set(run(["rpm", "-qcp", str(project_rpm["binary"])]).stdout.split())
+    assert "/etc/rhel-cvm-update/config.yaml" in config_files
+
+
+def test_noarch_requires_under_rhel_names(project_rpm):
+    info = run(["rpm", "-qp", "--qf", "%{ARCH}\n", str(project_rpm["binary"])]).stdout.strip()
+    assert info == "noarch"
+    requires = set(run(["rpm", "-qpR", str(project_rpm["binary"])]).stdout.split("\n"))
+    for name in ("python3-pyyaml", "python3-pyudev", "python3-systemd", "python3-tpm2-pytss",
+                 "python3-pydbus", "python3-cryptography", "cryptsetup", "systemd"):
+        assert name in requires
+    assert "efibootmgr" not in requires
+
+
+def test_file_triggers_watch_esp_shim_and_modules(project_rpm):
+    triggers = run(["rpm", "-qp", "--filetriggers", str(project_rpm["binary"])]).stdout
+    assert "transfiletriggerin scriptlet (using /bin/sh) -- " + TRIGGER_PATHS in triggers
+    assert "transfiletriggerpostun scriptlet (using /bin/sh) -- " + TRIGGER_PATHS in triggers
+    assert HOOK + " rpm-filetrigger-in --paths-from-stdin" in triggers
+    assert HOOK + " rpm-filetrigger-postun" in triggers
+
+
+def test_install_lays_out_files_where_consumers_look(project_rpm, tmp_path):
+    root = tmp_path / "root"
+    result = run(["rpm", "-i", "--root", str(root), "--dbpath", "/var/lib/rpm", "--nodeps", "--noscripts",
+                  str(project_rpm["binary"])])
+    assert result.returncode == 0, result.stderr
+    for path, mode in DESIGN_FILES.items():
+        st = os.stat(root / path.lstrip("/"))
+        assert stat.S_ISREG(st.st_mode), path
+        assert stat.S_IMODE(st.st_mode) == mode, path
+    # The shipped config is the commented example: every key at its default.
+    with open(root / "etc/rhel-cvm-update/config.yaml") as f:
+        shipped = yaml.safe_load(f)
+    assert config_from_mapping(shipped).as_dict() == config_from_mapping({}).as_dict()
+    preset = (root / "usr/lib/systemd/system-preset/80-rhel-cvm-update.preset").read_text()
+    assert "enable rhel-cvm-update.path" in preset.split("\n")
+    # The launcher runs the installed package (its --version needs no dependency).
+    version = run(["/usr/bin/python3", "-s", str(root / "usr/bin/rhel-cvm-update"), "--version"],
+                  env=dict(os.environ, PYTHONPATH=str(root / SITELIB.lstrip("/"))))
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.strip() == "rhel-cvm-update 0.1.0"
+    assert (root / "usr/bin/rhel-cvm-update").read_text().startswith("#!/usr/bin/python3 -s\n")
+
+
+BUSYBOX_APPLETS = ("sh", "cat", "grep", "stat", "date", "sleep", "echo", "rm", "mkdir")
+# Stands in for the interpreter of /usr/bin/rhel-cvm-update inside the scratch root (no
+# Python there): it records each run of the tool.
+RECORDING_PYTHON = '#!/bin/sh\necho "$*" >> /var/log/rhel-cvm-update-runs\n'
+
+
+def _busybox_root(root: Path) -> None:
+    (root / "bin").mkdir(parents=True)
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "var/log").mkdir(parents=True)
+    with open("/bin/busybox", "rb") as src, open(root / "bin/busybox", "wb") as dst:
+        dst.write(src.read())
+    os.chmod(root / "bin/busybox", 0o755)
+    for applet in BUSYBOX_APPLETS:
+        os.symlink("busybox", root / "bin" / applet)
+    python = root / "usr/bin/python3"
+    python.write_text(RECORDING_PYTHON)
+    python.chmod(0o755)
+
+
+def _runs(root: Path):
+    log = root / "var/log/rhel-cvm-update-runs"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_rpm_runs_one_update_per_transaction(project_rpm, tmp_path):
+    """Real rpm, real trigger declarations, real hook script (under busybox in a scratch
+    root): a transaction of two packages with five boot files and kernel modules runs the
+    update once; a transaction without boot files runs none; an erase runs one."""
+    require("busybox")
+    root = tmp_path / "root"
+    _busybox_root(root)
+    rpm = ["rpm", "--root", str(root), "--dbpath", "/var/lib/rpm", "--nodeps"]
+    installed = run(rpm + ["-i", str(project_rpm["binary"])])
+    assert installed.returncode == 0, installed.stderr
+    assert _runs(root) == []
+
+    kernel = build_payload_rpm(tmp_path / "k", "kernel-uki-virt", {
+        "/usr/lib/modules/6.99.0-1.el9.x86_64/vmlinuz-virt.efi": b"uki",
+        "/usr/lib/modules/6.99.0-1.el9.x86_64/modules.dep": b"",
+        "/usr/lib/modules/6.99.0-1.el9.x86_64/kernel/fs/ext4.ko": b"",
+    })
+    boot_files = build_payload_rpm(tmp_path / "e", "esp-files", {
+        "/boot/efi/EFI/Linux/one.efi": b"1",
+        "/boot/efi/EFI/Linux/two.efi": b"2",
+        "/boot/efi/EFI/Linux/three.efi": b"3",
+        "/boot/efi/EFI/redhat/shimx64.efi": b"shim",
+        "/boot/efi/EFI/redhat/BOOTX64.CSV": b"",
+    })
+    modules_only = build_payload_rpm(tmp_path / "m", "kernel-modules-extra", {
+        "/usr/lib/modules/6.99.0-1.el9.x86_64/extra/a.ko": b"",
+    })
+
+    transaction = run(rpm + ["-i", str(kernel), str(boot_files)])
+    assert transaction.returncode == 0, transaction.stderr
+    assert _runs(root) == ["-s /usr/bin/rhel-cvm-update update"]
+    assert transaction.stderr.count("(rpm-filetrigger-in): 5 boot file(s) changed") == 1
+
+    no_boot_files = run(rpm + ["-i", str(modules_only)])
+    assert no_boot_files.returncode == 0, no_boot_files.stderr
+    assert len(_runs(root)) == 1
+
+    erase = run(rpm + ["-e", "kernel-uki-virt", "esp-files", "kernel-modules-extra"])
+    assert erase.returncode == 0, erase.stderr
+    assert _runs(root) == ["-s /usr/bin/rhel-cvm-update update"] * 2
+
+
+def test_man_page_renders_without_warnings(tmp_path):
+    require("man")
+    page = REPO / "man" / "rhel-cvm-update.8"
+    env = dict(os.environ, MANWIDTH="80")
+    result = subprocess.run(["man", "--warnings", "-l", str(page)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, timeout=60)
+    assert result.returncode == 0
+    assert result.stderr == ""
+    text = run(["man", "-l", str(page)], env=env).stdout
+    for heading in ("COMMANDS", "CONFIGURATION", "EXIT STATUS", "FILES", "EXAMPLES", "RECOVERY"):
+        assert "\n" + heading + "\n" in text
