@@ -14,7 +14,7 @@ from typing import List, Optional
 from rhel_cvm_update import __version__
 from rhel_cvm_update.errors import CvmUpdateError
 
-COMMAND_MODULES = ("inspect", "eventlog", "predict", "reseal", "enroll", "boot")
+COMMAND_MODULES = ("inspect", "eventlog", "predict", "reseal", "enroll", "boot", "update", "confirm", "status", "config")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -385,21 +385,28 @@ class Sandbox:
         out = realbins.run(["cryptsetup", "luksDump", "--dump-json-metadata", str(self.luks)]).stdout
         return json.loads(out)
 
-    def plugin_unlocks(self, token_id: Optional[int] = None) -> bool:
-        """Does systemd 252's cryptsetup token plugin unlock the image with the TPM as it is
-        now (any systemd-tpm2 token, or only ``token_id``)?  Runs through the pty relay in a
-        private mount namespace (tests/swtpm_fixtures.py)."""
+    def plugin_unlocks(self, token_id: int) -> bool:
+        """Does systemd 252's cryptsetup token plugin unlock the image with token ``token_id``
+        and the TPM as it is now?  Runs through the pty relay in a private mount namespace
+        (tests/swtpm_fixtures.py)."""
         if not os.path.exists(PLUGIN):
             raise SandboxUnavailable("systemd's token plugin is not installed (%s)" % PLUGIN)
-        argv = ["cryptsetup", "open", "--test-passphrase", "--token-only", "--token-type", "systemd-tpm2"]
-        if token_id is not None:
-            argv += ["--token-id", str(token_id)]
+        argv = ["cryptsetup", "open", "--test-passphrase", "--token-only", "--token-type", "systemd-tpm2",
+                "--token-id", str(token_id), str(self.luks)]
         work = self.root / "ns"
         work.mkdir(exist_ok=True)
         with PtyTpmRelay(self.swtpm) as relay:
-            result = relay.run(argv + [str(self.luks)], str(work))
+            result = relay.run(argv, str(work))
         self.swtpm.flush_all()
         return result.returncode == 0
+
+    def unlocking_tokens(self) -> List[int]:
+        """The systemd-tpm2 tokens the plugin unlocks with now, each tried on its own: after a
+        refused token systemd 252 leaves its primary key loaded, and swtpm, unlike a kernel
+        /dev/tpmrm0, has no resource manager to flush it before the next token is tried."""
+        tokens = self.luks_json()["tokens"]
+        return [int(t) for t in sorted(tokens, key=int)
+                if tokens[t]["type"] == "systemd-tpm2" and self.plugin_unlocks(int(t))]
 
     def recovery_unlocks(self) -> bool:
         result = subprocess.run(["cryptsetup", "open", "--test-passphrase", "--key-file=-", str(self.luks)],

@@ -1,0 +1,222 @@
+"""What `rhel-cvm-update status` knows, without the TPM, in well under a second.
+
+Sources: the journal and last result in state_dir, efivarfs (BootCurrent, BootNext,
+BootOrder, the Boot#### entries), the LUKS2 header's JSON (``cryptsetup luksDump
+--dump-json-metadata``), the ESP (uki_dir, shim), and the live PCRs -- from
+``/sys/class/tpm/tpm0/pcr-sha256/N`` where the kernel offers them, else replayed from the
+event log, else as the last transaction recorded them (the JSON says which).
+
+Exit codes: 0 the next boot will unlock; 1 attention is needed (``attention`` says what to
+run); 2 error (something could not be read).
+"""
+
+import hmac
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+from rhel_cvm_update.errors import CvmUpdateError
+from rhel_cvm_update.transaction import LIVE_CHAIN_STATUSES, RESULT_FILE, read_journal, read_json
+
+SYSFS_PCRS = "/sys/class/tpm/tpm0/pcr-sha256"
+EXIT_OK, EXIT_ATTENTION, EXIT_ERROR = 0, 1, 2
+
+
+def live_pcrs(config, journal: Dict[str, Any], sysfs: str = SYSFS_PCRS) -> Tuple[Optional[Dict[int, bytes]], str]:
+    try:
+        return {p: bytes.fromhex(open(os.path.join(sysfs, str(p))).read().strip()) for p in config.pcrs}, "sysfs"
+    except (OSError, ValueError):
+        pass
+    try:
+        from rhel_cvm_update.formats import tcglog
+        from rhel_cvm_update.predict import read_event_log
+
+        replayed = tcglog.replay(read_event_log(config.event_log), ["sha256"], config.pcrs).get("sha256", {})
+        if all(p in replayed for p in config.pcrs):
+            return {p: replayed[p] for p in config.pcrs}, "event-log"
+    except CvmUpdateError:
+        pass
+    recorded = (journal.get("live") or {}).get("pcrs")
+    if recorded:
+        return {int(p): bytes.fromhex(v) for p, v in recorded.items()}, "recorded " + journal["live"]["read"]
+    return None, "unknown"
+
+
+def _boot_state(config) -> Dict[str, Any]:
+    from rhel_cvm_update.adapters.efivarfs import EfiVarFs
+    from rhel_cvm_update.adapters.esp import Esp
+    from rhel_cvm_update.bootmgr import BootManager
+
+    state = BootManager(EfiVarFs(config.efivars), Esp(config.esp), config.vendor, config.uki_dir).state()
+    entries = [{"entry": e.name, "description": e.option.description if e.option else None,
+                "uki": e.option.optional_data_path() if e.option else None, "managed": e.managed,
+                "error": e.error} for e in state.entries]
+    name = lambda n: None if n is None else f"Boot{n:04X}"  # noqa: E731
+    return {"boot_current": name(state.boot_current), "boot_next": name(state.boot_next),
+            "boot_order": [name(n) for n in state.boot_order], "entries": entries}
+
+
+def _luks_header(config) -> Dict[str, Any]:
+    import json
+    import subprocess
+
+    from rhel_cvm_update.adapters.cryptsetup import resolve_device
+
+    device = resolve_device(config.luks_device)
+    result = subprocess.run(["cryptsetup", "luksDump", "--dump-json-metadata", device], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, timeout=30)
+    if result.returncode:
+        raise CvmUpdateError(f"cannot read the LUKS2 header of {device}: {result.stderr.decode().strip()}")
+    return dict(json.loads(result.stdout), device=device)
+
+
+def _host_path(config, efi_path: Optional[str]) -> Optional[str]:
+    if not efi_path:
+        return None
+    return os.path.realpath(os.path.join(config.esp, *[p for p in efi_path.split("\\") if p]))
+
+
+def _shim_changed(config, next_chain: Optional[Dict[str, Any]]) -> Optional[str]:
+    """Why the shim on the ESP breaks the next boot's chain, if it does: it must be the shim
+    that chain was sealed with (or, for the chain booted now, the one in the event log)."""
+    from rhel_cvm_update.measure import measure_image
+    from rhel_cvm_update.predict import read_event_log, shim_path
+
+    try:
+        digest = bytes(measure_image(shim_path(config), ["sha256"]).authenticode["sha256"]).hex()
+        if next_chain is not None:
+            expected = {next_chain["shim_digest"]}
+        else:
+            log = read_event_log(config.event_log)
+            expected = {bytes(e.digests["sha256"]).hex() for e in log.events if e.pcr == 4 and "sha256" in e.digests}
+    except CvmUpdateError as e:
+        return f"cannot check the shim: {e}"
+    return None if digest in expected else f"{shim_path(config)} is not the shim the next chain was sealed with"
+
+
+def collect_status(config) -> Dict[str, Any]:
+    """The status document; ``exit_code`` and ``attention`` say what the admin should do."""
+    from rhel_cvm_update.formats.tpm_policy import policy_pcr
+
+    journal = read_journal(config.state_dir)
+    last = read_json(os.path.join(config.state_dir, RESULT_FILE))
+    attention: List[str] = []
+    errors: List[str] = []
+    chains = journal["chains"]
+    live, live_source = live_pcrs(config, journal)
+    live_policy = policy_pcr(live, "sha256").hex() if live and sorted(live) == list(config.pcrs) else None
+
+    try:
+        boot = _boot_state(config)
+    except CvmUpdateError as e:
+        boot = {"boot_current": None, "boot_next": None, "boot_order": [], "entries": []}
+        errors.append(str(e))
+    entry_uki = {e["entry"]: e["uki"] for e in boot["entries"]}
+    booted_uki = entry_uki.get(boot["boot_current"])
+    staged = next((c for c in chains.values() if c["status"] == "staged"), None)
+
+    tokens: List[Dict[str, Any]] = []
+    keyslots: List[Dict[str, Any]] = []
+    unaccounted: List[str] = []
+    header_tokens: Dict[int, Dict[str, Any]] = {}
+    try:
+        header = _luks_header(config)
+        header_tokens = {int(t): v for t, v in header.get("tokens", {}).items()}
+    except (CvmUpdateError, OSError, ValueError) as e:
+        header = None
+        errors.append(str(e))
+    by_token = {c["token"]: c for c in chains.values() if c["status"] in LIVE_CHAIN_STATUSES}
+    referenced = set()
+    for token_id, token in sorted(header_tokens.items()):
+        slots = [int(s) for s in token.get("keyslots", [])]
+        referenced.update(slots)
+        chain = by_token.get(token_id)
+        policy = token.get("tpm2-policy-hash")
+        accounted = chain is not None and chain["policy_hash"] == policy
+        tokens.append({"token": token_id, "type": token.get("type"), "keyslots": slots,
+                       "pcrs": token.get("tpm2-pcrs"), "pcr_bank": token.get("tpm2-pcr-bank"),
+                       "pin": bool(token.get("tpm2-pin")), "policy_hash": policy,
+                       "matches_current_boot": bool(live_policy and policy
+                                                    and hmac.compare_digest(policy, live_policy)),
+                       "matches_staged_boot": bool(staged and policy == staged["policy_hash"]),
+                       "uki": chain["uki"] if accounted else None,
+                       "chain_status": chain["status"] if accounted else None})
+        if not accounted:
+            unaccounted.append(f"token {token_id} ({token.get('type')}, keyslots {slots}): not this tool's, kept")
+    if header is not None:
+        for slot in sorted(int(s) for s in header.get("keyslots", {})):
+            owner = next((t["token"] for t in tokens if slot in t["keyslots"]), None)
+            keyslots.append({"keyslot": slot, "token": owner})
+            if owner is None:
+                unaccounted.append(f"keyslot {slot}: no token (a passphrase or recovery key), kept")
+
+    # The entry the firmware starts next, and whether a token opens the disk there.
+    next_entry = boot["boot_next"] or (boot["boot_order"][0] if boot["boot_order"] else None)
+    next_uki = entry_uki.get(next_entry)
+    next_chain = next((c for c in chains.values() if c["status"] in LIVE_CHAIN_STATUSES
+                       and (c.get("esp_path") or "").lower() == (next_uki or "").lower()), None)
+    will_unlock, why = False, "no Boot entry to start"
+    live_tokens = [t for t in tokens if t["matches_current_boot"]]
+    if next_chain is not None:
+        token = header_tokens.get(next_chain["token"])
+        will_unlock = bool(token and token.get("tpm2-policy-hash") == next_chain["policy_hash"])
+        why = (f"token {next_chain['token']} is sealed to its predicted PCRs" if will_unlock
+               else f"its token {next_chain['token']} is missing from the header")
+        uki_file = next_chain.get("uki")
+        if will_unlock and next_chain.get("mtime") and uki_file and os.path.exists(uki_file) \
+                and os.stat(uki_file).st_mtime != next_chain["mtime"]:
+            will_unlock, why = False, f"{uki_file} changed since it was sealed"
+    elif next_entry and next_entry == boot["boot_current"] and live_tokens:
+        will_unlock, why = True, (f"it is the chain booted now and token {live_tokens[0]['token']} is sealed "
+                                  "to the live PCRs")
+    elif next_entry:
+        why = f"{next_entry} ({next_uki}) has no token of this tool"
+    shim_problem = _shim_changed(config, next_chain)
+    if will_unlock and shim_problem:
+        will_unlock, why = False, shim_problem
+    if not will_unlock:
+        attention.append(f"the next boot ({next_entry or 'none'}) may not unlock: {why}; run 'rhel-cvm-update update'")
+
+    known_paths = {c.get("uki") for c in chains.values() if c["status"] in LIVE_CHAIN_STATUSES or c["status"] == "retired"}
+    try:
+        ukis = sorted(os.path.join(config.uki_dir, n) for n in os.listdir(config.uki_dir) if n.lower().endswith(".efi"))
+    except OSError:
+        ukis = []
+    booted_file = _host_path(config, booted_uki)
+    new = [u for u in ukis if u not in known_paths and os.path.realpath(u) != booted_file]
+    if new:
+        attention.append("UKIs not sealed yet: " + ", ".join(new) + "; run 'rhel-cvm-update update'")
+    if journal.get("pending"):
+        p = journal["pending"]
+        attention.append(f"an interrupted {p['kind']} (at {p['step']}:{p['phase']}); "
+                         f"run 'rhel-cvm-update {p['kind']}' to finish it")
+    if journal.get("trial_failed"):
+        t = journal["trial_failed"]
+        attention.append(f"the trial boot of {t['staged_uki']} failed (the VM came up with {t['booted_uki']}); "
+                         "check that kernel, then remove it or run 'rhel-cvm-update update' after fixing it")
+    if last and last.get("outcome") in ("refused", "failed"):
+        attention.append(f"the last {last.get('command')} {last['outcome']}: {last.get('reason')}")
+    if staged and staged.get("entry") is not None and boot["boot_next"] != f"Boot{staged['entry']:04X}":
+        attention.append(f"{staged['uki']} is staged but BootNext does not name it; run 'rhel-cvm-update update'")
+
+    exit_code = EXIT_ERROR if errors else (EXIT_ATTENTION if attention else EXIT_OK)
+    return {
+        "exit_code": exit_code,
+        "booted": {"entry": boot["boot_current"], "uki": booted_uki},
+        "live_pcrs": {"source": live_source,
+                      "sha256": {str(p): v.hex() for p, v in sorted(live.items())} if live else None},
+        "next_boot": {"entry": next_entry, "uki": next_uki, "will_unlock": will_unlock, "why": why},
+        "staged": {"uki": staged["uki"], "entry": f"Boot{staged['entry']:04X}" if staged.get("entry") is not None
+                   else None, "token": staged["token"]} if staged else None,
+        "tokens": tokens,
+        "keyslots": keyslots,
+        "unaccounted": unaccounted,
+        "boot_entries": boot["entries"],
+        "boot_order": boot["boot_order"],
+        "boot_next": boot["boot_next"],
+        "chains": [dict(c, key=k) for k, c in sorted(chains.items()) if c["status"] != "retired"],
+        "pending": journal.get("pending"),
+        "trial_failed": journal.get("trial_failed"),
+        "last_result": last,
+        "attention": attention,
+        "errors": errors,
+    }
