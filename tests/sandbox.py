@@ -82,9 +82,12 @@ def captured_uki(name: str) -> Path:
     return cached
 
 
-def uki_variant(tag: str, out: Path) -> Path:
+def uki_variant(tag: str) -> Path:
     """UKI A's kernel and initramfs with ``rhel_cvm_update.variant=<tag>`` added to the
-    command line: a new Authenticode digest with the same .linux payload."""
+    command line: a new Authenticode digest with the same .linux payload (built once)."""
+    out = _uki_cache() / ("variant-%s.efi" % tag)
+    if out.exists():
+        return out
     kernel = realbins.fetch_kernel_package(capture.UKI_A.kernel_package)
     initrd = _uki_cache() / "initrd-a.img"
     if not initrd.exists():
@@ -240,8 +243,9 @@ class Sandbox:
     """A CVM in a directory: ``esp/``, ``efivars/``, ``disk.img`` (GPT with the ESP partition),
     ``luks.img``, ``eventlog.bin``, ``state/``, ``config.yaml`` and a running swtpm."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, keep_previous: int = 1):
         self.root = Path(root)
+        self.keep_previous = keep_previous
         self.esp = self.root / "esp"
         self.uki_dir = self.esp / "EFI" / "Linux"
         self.shim = self.esp / "EFI" / "redhat" / "shimx64.efi"
@@ -288,7 +292,7 @@ class Sandbox:
         return {"tpm": self.swtpm.tcti, "event_log": str(self.event_log), "efivars": str(self.efivars),
                 "esp": str(self.esp), "esp_device": str(self.disk), "uki_dir": str(self.uki_dir),
                 "vendor": "redhat", "luks_device": str(self.luks), "pcrs": [4, 7],
-                "state_dir": str(self.state_dir), "keep_previous": 1}
+                "state_dir": str(self.state_dir), "keep_previous": self.keep_previous}
 
     def config(self):
         from rhel_cvm_update.config import config_from_mapping
@@ -335,10 +339,7 @@ class Sandbox:
         UKI A (new command line) as ``uki-<name>.efi``."""
         target = self.uki_dir / ("uki-%s.efi" % name)
         partial = self.uki_dir / (".uki-%s.partial" % name)
-        if name in ("a", "b"):
-            shutil.copyfile(captured_uki(name), partial)
-        else:
-            uki_variant(name, partial)
+        shutil.copyfile(captured_uki(name) if name in ("a", "b") else uki_variant(name), partial)
         os.replace(partial, target)
         return target
 
@@ -395,6 +396,7 @@ class Sandbox:
                 "--token-id", str(token_id), str(self.luks)]
         work = self.root / "ns"
         work.mkdir(exist_ok=True)
+        self.swtpm.flush_all()
         with PtyTpmRelay(self.swtpm) as relay:
             result = relay.run(argv, str(work))
         self.swtpm.flush_all()
@@ -414,28 +416,38 @@ class Sandbox:
                                 timeout=60)
         return result.returncode == 0
 
+    def process_killed(self) -> None:
+        """After a TPM client was SIGKILLed: flush what it left loaded, as the kernel's
+        resource manager (/dev/tpmrm0) does when the file is closed; swtpm has none."""
+        self.swtpm.flush_all()
+
     def close(self) -> None:
         self.swtpm.stop()
 
 
 @contextlib.contextmanager
-def sandbox_cvm(root: Path) -> Iterator[Sandbox]:
-    cvm = Sandbox(Path(root))
+def sandbox_cvm(root: Path, keep_previous: int = 1) -> Iterator[Sandbox]:
+    cvm = Sandbox(Path(root), keep_previous)
     try:
         yield cvm.build()
     finally:
         cvm.close()
 
 
-@pytest.fixture
-def sandbox(tmp_path) -> Iterator[Sandbox]:
-    """A fresh sandbox CVM booted into UKI A (skips when a real part is missing)."""
-    cvm = Sandbox(tmp_path / "cvm")
+def built_or_skip(root: Path, keep_previous: int = 1) -> Sandbox:
+    """For fixtures: a built sandbox, or pytest.skip naming the missing real part."""
+    cvm = Sandbox(root, keep_previous)
     try:
-        cvm.build()
+        return cvm.build()
     except SandboxUnavailable as e:
         cvm.close()
         pytest.skip(str(e))
+
+
+@pytest.fixture
+def sandbox(tmp_path) -> Iterator[Sandbox]:
+    """A fresh sandbox CVM booted into UKI A (skips when a real part is missing)."""
+    cvm = built_or_skip(tmp_path / "cvm")
     try:
         yield cvm
     finally:

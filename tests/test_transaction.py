@@ -1,0 +1,288 @@
+"""The update transaction on the sandbox CVM (tests/sandbox.py): real shim and UKIs, the
+captured boot's efivars and event log, swtpm, a LUKS2 image enrolled by systemd-cryptenroll,
+and systemd 252's own token plugin deciding whether the disk unlocks.  Boots after an update
+are SIMULATED FIRMWARE (the captured real log of the chain, or boot A's log rebuilt with the
+new UKI's pesign digests)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from rhel_cvm_update.errors import TransactionError
+from rhel_cvm_update.transaction import read_journal, run_confirm, run_update, state_lock
+from tests.sandbox import built_or_skip, read_u16_var, sandbox  # noqa: F401  (fixture)
+from tests.swtpm_fixtures import header_bytes
+
+pytestmark = [pytest.mark.swtpm, pytest.mark.root]
+
+
+def cli(cvm, *argv, env=None):
+    return subprocess.run([sys.executable, "-m", "rhel_cvm_update", "--config", str(cvm.config_path), *argv],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600,
+                          env=dict(os.environ, **(env or {})))
+
+
+def efibootmgr(cvm):
+    if shutil.which("efibootmgr") is None:
+        pytest.skip("efibootmgr is not installed")
+    out = subprocess.run(["efibootmgr", "-v"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, EFIVARFS_PATH=str(cvm.efivars) + "/", LIBEFIVAR_OPS="efivarfs"))
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def tokens_by_uki(cvm):
+    chains = read_journal(str(cvm.state_dir))["chains"].values()
+    return {os.path.basename(c["uki"]): c["token"] for c in chains
+            if c["status"] not in ("retired",) and c.get("uki")}
+
+
+def keyslot_owners(cvm):
+    """{keyslot: token id or None} from the LUKS2 header."""
+    meta = cvm.luks_json()
+    owners = {int(s): None for s in meta["keyslots"]}
+    for token_id, token in meta["tokens"].items():
+        for slot in token["keyslots"]:
+            owners[int(slot)] = int(token_id)
+    return owners
+
+
+def efivars_snapshot(cvm):
+    return {p.name: p.read_bytes() for p in sorted(cvm.efivars.iterdir())}
+
+
+def test_update_reboot_confirm_with_the_real_token_plugin(sandbox):
+    cvm = sandbox
+    cvm.install_uki("b")
+    result = run_update(cvm.config())
+    assert result.outcome == "staged" and result.staged["uki"].endswith("uki-b.efi")
+    new_token = result.sealed[0]["token"]
+    listing = efibootmgr(cvm)
+    entry = result.staged["entry"]
+    assert f"BootNext: {entry[4:]}" in listing
+    assert "BootOrder: 0007" in listing  # the trial leaves the head of BootOrder alone
+    assert not cvm.plugin_unlocks(new_token)  # sealed to B's PCRs, not A's
+    assert cvm.unlocking_tokens() == [0]       # systemd-cryptenroll's token still opens boot A
+
+    booted = cvm.simulate_reboot()
+    assert booted["entry"] == entry and booted["log"].startswith("real log of captured boot sb-off-uki-b")
+    assert read_u16_var(cvm.efivars, "BootNext") is None
+    assert cvm.unlocking_tokens() == [new_token]
+
+    confirmed = run_confirm(cvm.config())
+    assert confirmed.outcome == "confirmed" and confirmed.promoted == entry
+    assert efibootmgr(cvm).splitlines()[1].startswith(f"BootOrder: {entry[4:]},0007")
+    csv = (cvm.esp / "EFI" / "redhat" / "BOOTX64.CSV").read_bytes().decode("utf-16")
+    assert "\\EFI\\Linux\\uki-b.efi" in csv
+    assert set(tokens_by_uki(cvm)) == {"uki-a.efi", "uki-b.efi"}  # keep_previous = 1
+    assert cvm.recovery_unlocks()
+    status = cli(cvm, "status", "--json")
+    assert status.returncode == 0, status.stdout + status.stderr
+    document = json.loads(status.stdout)
+    assert document["next_boot"]["will_unlock"] and document["booted"]["entry"] == entry
+    assert [t["token"] for t in document["tokens"] if t["matches_current_boot"]] == [new_token]
+
+
+def test_second_update_changes_nothing(sandbox):
+    cvm = sandbox
+    cvm.install_uki("b")
+    assert cli(cvm, "update").returncode == 0
+    header, variables = header_bytes(str(cvm.luks)), efivars_snapshot(cvm)
+    again = cli(cvm, "update", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["outcome"] == "nothing-to-do"
+    assert header_bytes(str(cvm.luks)) == header and efivars_snapshot(cvm) == variables
+
+
+def test_ten_concurrent_updates_make_one_transaction(sandbox):
+    cvm = sandbox
+    cvm.install_uki("b")
+    argv = [sys.executable, "-m", "rhel_cvm_update", "--config", str(cvm.config_path), "update", "--json"]
+    runs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(10)]
+    outputs = [(r.wait(timeout=600), r.stdout.read(), r.stderr.read()) for r in runs]
+    assert all(code == 0 for code, _, _ in outputs), outputs
+    outcomes = sorted(json.loads(out)["outcome"] for _, out, _ in outputs)
+    assert outcomes == ["nothing-to-do"] * 9 + ["staged"]
+    owners = keyslot_owners(cvm)
+    assert len(owners) == 3 and owners[0] is None  # recovery, cryptenroll's, B's
+    assert len(cvm.luks_json()["tokens"]) == 2
+
+
+def test_lock_held_no_wait_exits_4_and_waiting_times_out(sandbox):
+    cvm = sandbox
+    cvm.install_uki("b")
+    with state_lock(str(cvm.state_dir)):
+        refused = cli(cvm, "update", "--no-wait")
+        assert refused.returncode == 4 and "another rhel-cvm-update transaction" in refused.stderr
+        with pytest.raises(TransactionError):
+            run_update(cvm.config(), lock_timeout=0.3)
+        # flock is per open file description: a second open in this process is refused too.
+        with pytest.raises(TransactionError):
+            with state_lock(str(cvm.state_dir)):
+                pass
+    assert len(cvm.luks_json()["tokens"]) == 1
+    holder_released = threading.Event()
+
+    def hold():
+        with state_lock(str(cvm.state_dir)):
+            holder_released.wait(5)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    threading.Timer(0.5, holder_released.set).start()
+    waited = cli(cvm, "update")  # waits for the lock, then runs
+    holder.join()
+    assert waited.returncode == 0 and "staged" in waited.stdout
+
+
+def test_failed_trial_boot_is_recorded_and_changes_nothing(sandbox):
+    cvm = sandbox
+    cvm.install_uki("b")
+    staged = run_update(cvm.config())
+    booted = cvm.simulate_reboot(hang=True)  # B hangs, reset: firmware boots BootOrder's head, A
+    assert booted["entry"] == "Boot0007"
+    order = read_u16_var(cvm.efivars, "BootOrder")
+    header = header_bytes(str(cvm.luks))
+    confirmed = cli(cvm, "confirm", "--json")
+    assert confirmed.returncode == 1
+    assert json.loads(confirmed.stdout)["outcome"] == "trial-failed"
+    assert read_u16_var(cvm.efivars, "BootOrder") == order and header_bytes(str(cvm.luks)) == header
+    assert cvm.unlocking_tokens() == [0]
+    status = cli(cvm, "status")
+    assert status.returncode == 1 and "trial boot of" in status.stdout
+    # The admin's later update does not stage the failed kernel again on its own.
+    assert run_update(cvm.config()).outcome == "nothing-to-do"
+    assert staged.sealed[0]["token"] in [int(t) for t in cvm.luks_json()["tokens"]]
+
+
+def test_deleted_uki_loses_its_token_but_foreign_tokens_stay(sandbox):
+    cvm = sandbox
+    cvm.install_uki("b")
+    run_update(cvm.config())
+    cvm.simulate_reboot()
+    run_confirm(cvm.config())
+    # A token the tool cannot account for: sealed by systemd-cryptenroll to PCR 7 only.
+    env = dict(os.environ, PASSWORD="rhel-cvm-update test passphrase")
+    enrolled = subprocess.run(["systemd-cryptenroll", "--tpm2-device=" + cvm.swtpm.tcti, "--tpm2-pcrs=7",
+                               str(cvm.luks)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert enrolled.returncode == 0, enrolled.stderr
+    cvm.swtpm.flush_all()
+    foreign = max(int(t) for t in cvm.luks_json()["tokens"])
+    a_token = tokens_by_uki(cvm)["uki-a.efi"]
+    cvm.remove_uki("a")  # dnf erased the old kernel
+    result = run_update(cvm.config())
+    assert result.outcome == "removed" and [r["token"] for r in result.removed] == [a_token]
+    tokens = {int(t) for t in cvm.luks_json()["tokens"]}
+    assert a_token not in tokens and foreign in tokens
+    owners = keyslot_owners(cvm)
+    assert owners[0] is None and set(owners.values()) == {None, foreign, tokens_by_uki(cvm)["uki-b.efi"]}
+    status = json.loads(cli(cvm, "status", "--json").stdout)
+    assert any(line.startswith(f"token {foreign} ") for line in status["unaccounted"])
+    assert cvm.recovery_unlocks() and cvm.plugin_unlocks(tokens_by_uki(cvm)["uki-b.efi"])
+
+
+UPDATE_CRASHES = [(step, where) for step in ("detect", "predict", "seal", "stage", "remove")
+                  for where in ("before", "inside", "after")]
+
+
+@pytest.mark.parametrize("step,where", UPDATE_CRASHES)
+def test_update_killed_at_every_step_then_rerun(sandbox, step, where):
+    """A -> B confirmed; then UKI C is installed and A deleted, and `update` is SIGKILLed at
+    step:where.  The rerun must leave B (booted) unlocking now, C unlocking after the
+    reboot, and no keyslot or token the journal does not account for."""
+    cvm = sandbox
+    cvm.install_uki("b")
+    run_update(cvm.config())
+    cvm.simulate_reboot()
+    run_confirm(cvm.config())
+    cvm.install_uki("c")
+    cvm.remove_uki("a")
+    b_token = tokens_by_uki(cvm)["uki-b.efi"]
+
+    killed = cli(cvm, "update", env={"RHEL_CVM_UPDATE_CRASH_AT": f"{step}:{where}"})
+    assert killed.returncode == -9, (killed.stdout, killed.stderr)
+    cvm.process_killed()
+    assert cvm.plugin_unlocks(b_token)  # a reboot right now would still unlock
+    assert cli(cvm, "status").returncode == 1  # the interrupted transaction needs attention
+
+    rerun = cli(cvm, "update", "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    journal = read_journal(str(cvm.state_dir))
+    assert journal["pending"] is None
+    tokens = tokens_by_uki(cvm)
+    assert set(tokens) == {"uki-b.efi", "uki-c.efi"}
+    owners = keyslot_owners(cvm)
+    assert sorted(o for o in owners.values() if o is not None) == sorted(tokens.values())
+    assert [s for s, o in owners.items() if o is None] == [0]  # only the recovery passphrase
+    assert cvm.unlocking_tokens() == [b_token]
+    booted = cvm.simulate_reboot()
+    assert booted["uki"] == "\\EFI\\Linux\\uki-c.efi"
+    assert cvm.unlocking_tokens() == [tokens["uki-c.efi"]]
+    assert cvm.recovery_unlocks()
+
+
+CONFIRM_CRASHES = [(step, where) for step in ("detect", "confirm", "remove") for where in ("before", "inside", "after")]
+
+
+@pytest.fixture
+def sandbox_keeping_none(tmp_path):
+    cvm = built_or_skip(tmp_path / "cvm", keep_previous=0)
+    try:
+        yield cvm
+    finally:
+        cvm.close()
+
+
+@pytest.mark.parametrize("step,where", CONFIRM_CRASHES)
+def test_confirm_killed_at_every_step_then_rerun(sandbox_keeping_none, step, where):
+    """keep_previous 0: confirming B retires A.  Killed anywhere, a rerun promotes B and
+    retires A completely (token, keyslot) and B keeps unlocking."""
+    cvm = sandbox_keeping_none
+    cvm.install_uki("b")
+    staged = run_update(cvm.config())
+    cvm.simulate_reboot()
+    b_token = staged.sealed[0]["token"]
+    killed = cli(cvm, "confirm", env={"RHEL_CVM_UPDATE_CRASH_AT": f"{step}:{where}"})
+    assert killed.returncode == -9, (killed.stdout, killed.stderr)
+    cvm.process_killed()
+    assert cvm.plugin_unlocks(b_token)
+    rerun = cli(cvm, "confirm", "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    assert read_journal(str(cvm.state_dir))["pending"] is None
+    assert {int(t) for t in cvm.luks_json()["tokens"]} == {b_token}
+    assert keyslot_owners(cvm) == {0: None, staged.sealed[0]["keyslot"]: b_token}
+    assert read_u16_var(cvm.efivars, "BootOrder")[0] == int(staged.staged["entry"][4:], 16)
+    assert cvm.unlocking_tokens() == [b_token]
+    assert cvm.simulate_reboot()["uki"] == "\\EFI\\Linux\\uki-b.efi"
+    assert cvm.unlocking_tokens() == [b_token]
+
+
+def test_fifty_update_cycles_stay_bounded(sandbox):
+    """A cycle: dnf installs a new UKI build (and erases the one before the previous),
+    update, reboot (SIMULATED FIRMWARE, log rebuilt with pesign digests), confirm."""
+    cvm = sandbox
+    config = cvm.config()
+    installed = ["a"]
+    for cycle in range(50):
+        name = f"v{cycle:02d}"
+        cvm.install_uki(name)
+        installed.append(name)
+        if len(installed) > 3:
+            cvm.remove_uki(installed.pop(0))
+        update = run_update(config)
+        assert update.outcome == "staged", (cycle, update.to_json())
+        booted = cvm.simulate_reboot()
+        assert booted["uki"] == f"\\EFI\\Linux\\uki-{name}.efi"
+        confirmed = run_confirm(config)
+        assert confirmed.outcome == "confirmed", (cycle, confirmed.to_json())
+        owners = keyslot_owners(cvm)
+        tokens = cvm.luks_json()["tokens"]
+        managed = [e for e in efibootmgr(cvm).splitlines() if "RHEL CVM UKI" in e]
+        assert len(owners) <= 3 and len(tokens) <= 2 and len(managed) <= 2, (cycle, owners, managed)
+        if cycle % 10 == 9:
+            assert cvm.unlocking_tokens() == [tokens_by_uki(cvm)[f"uki-{name}.efi"]]
+    assert cvm.recovery_unlocks()
