@@ -68,8 +68,8 @@ _rhel_cvm_update()
         predict)  opts="--uki --shim --event-log --source --tpm --offline --pcrs-from --efivars --explain --json" ;;
         reseal)   opts="--uki --dry-run --json --key-file --pcr" ;;
         enroll)   opts="--from-tpm2-import --dry-run --json" ;;
-        update)   opts="--settle --json" ;;
-        confirm)  opts="--json" ;;
+        update)   opts="--settle --no-wait --json" ;;
+        confirm)  opts="--no-wait --json" ;;
         status)   opts="--json" ;;
         boot)
             case "$subcommand" in

@@ -3,7 +3,6 @@ and the dnf 4 / dnf 5 action files."""
 
 import shlex
 import subprocess
-import time
 from pathlib import Path
 from typing import List
 
@@ -56,17 +55,6 @@ def test_postun_and_dnf_sources_update_without_a_list(tmp_path):
     for source in ("rpm-filetrigger-postun", "dnf4", "dnf5", "kernel-install"):
         assert run_hook(recorder, [source]).returncode == 0
     assert recorder.calls() == ["update"] * 4
-
-
-def test_waits_for_the_lock_then_updates(tmp_path):
-    """Exit 4: another transaction (the path unit) holds the lock; run again after it."""
-    recorder = Recorder(tmp_path / "bin", exit_codes=[4, 4, 0])
-    start = time.monotonic()
-    result = run_hook(recorder, ["rpm-filetrigger-postun"])
-    assert result.returncode == 0, result.stderr
-    assert recorder.calls() == ["update"] * 3
-    assert result.stderr.count("another transaction holds the lock") == 2
-    assert time.monotonic() - start >= 4
 
 
 def test_failure_is_reported_with_the_exit_code(tmp_path):
