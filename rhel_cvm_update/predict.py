@@ -8,17 +8,20 @@ Sources, in the order ``auto`` tries them:
 """
 
 import os
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple
 
-from rhel_cvm_update.boot_events import ImageMeasurement, Prediction
 from rhel_cvm_update.errors import ConfigError, CvmUpdateError, FormatError, MachineError, PredictionError
 from rhel_cvm_update.formats import tcglog
 from rhel_cvm_update.formats.devpath import FilePathNode
 from rhel_cvm_update.formats.efi import EFI_GLOBAL_VARIABLE
 from rhel_cvm_update.formats.loadopt import LoadOption, boot_variable_name
-from rhel_cvm_update.measure import measure_image, read_policy_variables
-from rhel_cvm_update.predict_log import predict_from_log
-from rhel_cvm_update.predict_model import predict_from_model
+
+if TYPE_CHECKING:
+    from rhel_cvm_update.boot_events import Prediction
+
+# The prediction sources and the image measurement (PE, PKCS#7 through `cryptography`) are
+# imported by the functions that predict: `status` and `update` use the helpers below
+# (read_event_log, booted_chain, shim_path) and must start fast.
 
 SOURCES = ("auto", "log", "model")
 SUPPORTED_BANKS = ("sha256", "sha1", "sha384", "sha512")
@@ -98,10 +101,13 @@ def booted_chain(efivarfs, esp: str) -> Tuple[str, str]:
 
 def predict_next_boot(config, uki: str, shim: Optional[str] = None, source: str = "auto", tpm=None,
                       event_log: Optional[str] = None, offline: bool = False,
-                      live: Optional[LivePcrs] = None, efivarfs=None) -> Prediction:
+                      live: Optional[LivePcrs] = None, efivarfs=None) -> "Prediction":
     """Predict PCR4 and PCR7 of a boot of ``uki`` through ``shim`` (default: the shim on the
     ESP now).  ``tpm``: an open adapters.tpm.Tpm (opened from config.tpm when needed);
     ``live``: already-read live PCRs; ``offline``: no live check (log source only)."""
+    from rhel_cvm_update.measure import measure_image, read_policy_variables
+    from rhel_cvm_update.predict_model import predict_from_model
+
     if source not in SOURCES:
         raise ConfigError(f"unknown prediction source {source!r}; use one of {', '.join(SOURCES)}")
     if efivarfs is None and os.path.isdir(config.efivars):
@@ -151,7 +157,11 @@ def predict_next_boot(config, uki: str, shim: Optional[str] = None, source: str 
 
 
 def _from_log(config, log_path: str, live: Optional[LivePcrs], banks: List[str], uki: str,
-              next_shim: str, current_shim: str, efivarfs) -> Prediction:
+              next_shim: str, current_shim: str, efivarfs) -> "Prediction":
+    from rhel_cvm_update.boot_events import ImageMeasurement
+    from rhel_cvm_update.measure import measure_image, read_policy_variables
+    from rhel_cvm_update.predict_log import predict_from_log
+
     log = read_event_log(log_path)
     banks = [b for b in banks if b in log.banks]
     uki_m = measure_image(uki, banks)
@@ -163,7 +173,7 @@ def _from_log(config, log_path: str, live: Optional[LivePcrs], banks: List[str],
     return predict_from_log(log, live, shim_m, uki_m, booted_m, efivars_now, pcrs=(4, 7))
 
 
-def _with_notes(prediction: Prediction, notes: List[str]) -> Prediction:
+def _with_notes(prediction: "Prediction", notes: List[str]) -> "Prediction":
     import dataclasses
 
     return dataclasses.replace(prediction, notes=tuple(notes) + prediction.notes)

@@ -78,11 +78,15 @@ def _host_path(config, efi_path: Optional[str]) -> Optional[str]:
 def _shim_changed(config, next_chain: Optional[Dict[str, Any]]) -> Optional[str]:
     """Why the shim on the ESP breaks the next boot's chain, if it does: it must be the shim
     that chain was sealed with (or, for the chain booted now, the one in the event log)."""
-    from rhel_cvm_update.measure import measure_image
+    # Only the digest: measure_image would also parse the signature (PKCS#7 through the
+    # `cryptography` package, a third of status's start-up) for nothing.
+    from rhel_cvm_update.formats.pe import authenticode_digest
+    from rhel_cvm_update.measure import mapped_file
     from rhel_cvm_update.predict import read_event_log, shim_path
 
     try:
-        digest = bytes(measure_image(shim_path(config), ["sha256"]).authenticode["sha256"]).hex()
+        with mapped_file(shim_path(config)) as buf:
+            digest = authenticode_digest(buf, "sha256", shim_path(config)).hex()
         if next_chain is not None:
             expected = {next_chain["shim_digest"]}
         else:

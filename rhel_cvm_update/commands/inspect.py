@@ -7,10 +7,10 @@ memory.  The digests are the ones edk2 extends into PCR4 (see formats/pe.py).
 import argparse
 from typing import Dict, List
 
-from rhel_cvm_update.formats.pe import HASH_ALGORITHMS, PEImage, authenticode_digests
-from rhel_cvm_update.formats.uki import UKI, is_uki, pe_sbat, shim_sbat_levels
-from rhel_cvm_update.measure import mapped_file
-from rhel_cvm_update.output import print_json
+# The PCR banks --hash accepts (formats.pe.HASH_ALGORITHMS; a test keeps them equal).  Named
+# here because every command's parser is built on every start, and importing the PE code
+# for the choices would slow `status` down.
+HASH_CHOICES = ("sha1", "sha256", "sha384", "sha512")
 
 
 def register(subparsers) -> None:
@@ -21,12 +21,15 @@ def register(subparsers) -> None:
                     "kernel as systemd-stub loads it, the kernel version and the command line.")
     parser.add_argument("files", nargs="+", metavar="FILE")
     parser.add_argument("--json", action="store_true", help="print one JSON list")
-    parser.add_argument("--hash", dest="algorithms", action="append", choices=HASH_ALGORITHMS,
+    parser.add_argument("--hash", dest="algorithms", action="append", choices=HASH_CHOICES,
                         help="digest algorithm (PCR bank); repeatable; default sha256")
     parser.set_defaults(run=run)
 
 
 def describe(buf, path: str, algorithms: List[str]) -> Dict[str, object]:
+    from rhel_cvm_update.formats.pe import PEImage, authenticode_digests
+    from rhel_cvm_update.formats.uki import UKI, is_uki, pe_sbat, shim_sbat_levels
+
     pe = PEImage.parse(buf, path)
     digests = authenticode_digests(buf, algorithms, source=path, image=pe)
     info: Dict[str, object] = {"file": path}
@@ -73,6 +76,9 @@ def _print_text(info: Dict[str, object]) -> None:
 
 
 def run(args: argparse.Namespace, config) -> int:
+    from rhel_cvm_update.measure import mapped_file
+    from rhel_cvm_update.output import print_json
+
     algorithms = list(dict.fromkeys(args.algorithms or ["sha256"]))
     results = []
     for path in args.files:
