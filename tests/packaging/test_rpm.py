@@ -173,3 +173,29 @@ def test_man_page_renders_without_warnings(tmp_path):
     text = run(["man", "-l", str(page)], env=env).stdout
     for heading in ("COMMANDS", "CONFIGURATION", "EXIT STATUS", "FILES", "EXAMPLES", "RECOVERY"):
         assert "\n" + heading + "\n" in text
+
+
+def test_rpm_in_an_installroot_does_not_update(project_rpm, tmp_path):
+    """rpm --root chroots into the installroot; with /proc and /dev there (as image
+    builders and mock provide them) the hook sees that PID 1's root is not its own and leaves the TPM and
+    boot variables alone.  A private PID namespace makes PID 1 ours, so its root is
+    readable even where ptrace of the real init is restricted."""
+    require("busybox", "unshare", "mount")
+    if os.geteuid() != 0:
+        import pytest
+        pytest.skip("needs root for PID and mount namespaces")
+    root = tmp_path / "root"
+    _busybox_root(root)
+    (root / "proc").mkdir()
+    (root / "dev").mkdir()
+    kernel = build_payload_rpm(tmp_path / "k", "kernel-uki-virt", {
+        "/usr/lib/modules/6.99.0-1.el9.x86_64/vmlinuz-virt.efi": b"uki"})
+    # The shell stays PID 1 (like systemd outside the installroot); rpm chroots itself.
+    script = 'mount --bind /proc "$1/proc" && mount --bind /dev "$1/dev" && shift && "$@"; exit $?'
+    result = run(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script, "sh", str(root),
+                  "rpm", "--root", str(root), "--dbpath", "/var/lib/rpm", "--nodeps", "-i",
+                  str(project_rpm["binary"]), str(kernel)])
+    assert result.returncode == 0, result.stderr
+    assert "(rpm-filetrigger-in): 1 boot file(s) changed" in result.stderr
+    assert "not updating: running chrooted" in result.stderr
+    assert _runs(root) == []
