@@ -5,7 +5,6 @@ once per transaction with the changed paths on stdin."""
 import os
 import re
 import stat
-import subprocess
 from pathlib import Path
 
 import yaml
@@ -160,19 +159,6 @@ def test_rpm_runs_one_update_per_transaction(project_rpm, tmp_path):
     erase = run(rpm + ["-e", "kernel-uki-virt", "esp-files", "kernel-modules-extra"])
     assert erase.returncode == 0, erase.stderr
     assert _runs(root) == ["-s /usr/bin/rhel-cvm-update update"] * 2
-
-
-def test_man_page_renders_without_warnings(tmp_path):
-    require("man")
-    page = REPO / "man" / "rhel-cvm-update.8"
-    env = dict(os.environ, MANWIDTH="80")
-    result = subprocess.run(["man", "--warnings", "-l", str(page)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, timeout=60)
-    assert result.returncode == 0
-    assert result.stderr == ""
-    text = run(["man", "-l", str(page)], env=env).stdout
-    for heading in ("COMMANDS", "CONFIGURATION", "EXIT STATUS", "FILES", "EXAMPLES", "RECOVERY"):
-        assert "\n" + heading + "\n" in text
 
 
 def test_rpm_in_an_installroot_does_not_update(project_rpm, tmp_path):
