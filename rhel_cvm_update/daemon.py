@@ -44,6 +44,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, TextIO, Tuple
 
+from rhel_cvm_update.errors import CvmUpdateError
+
 IDENTIFIER = "rhel-cvm-update"
 
 # syslog priorities (journal PRIORITY=)
@@ -323,6 +325,16 @@ DEFERRED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @contextlib.contextmanager
+def service_session(hooks: Optional["DaemonHooks"], command: str) -> Iterator[None]:
+    """``hooks.service(command)`` when running as a service, nothing otherwise."""
+    if hooks is None:
+        yield
+        return
+    with hooks.service(command):
+        yield
+
+
+@contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """Hold SIGTERM/SIGINT/SIGHUP until the block ends, then die of the first one as if
     it had arrived then.  systemd stops the service with SIGTERM (then SIGKILL after
@@ -357,6 +369,7 @@ class DaemonHooks:
         self.notifier = notifier if notifier is not None else Notifier()
         self._inhibitor_factory = inhibitor_factory if inhibitor_factory is not None else ShutdownInhibitor
         self._depth = 0
+        self.final_status = ""
 
     def step(self, name: str, detail: Any = "") -> None:
         fields: Dict[str, Any] = {}
@@ -368,6 +381,62 @@ class DaemonHooks:
         status = f"{name}: {text}" if text else name
         self.notifier.status(status)
         self.log.send(status, priority=LOG_INFO, STEP=name, **fields)
+
+    def wait_for_quiet(self, paths: Sequence[str], seconds: float) -> SettleResult:
+        where = " and ".join(paths)
+        self.notifier.status(f"waiting until {where} has been quiet for {seconds:g} s")
+        result = settle(paths, seconds)
+        if not result.quiet:
+            self.log.send(f"{where} kept changing for {result.waited:.0f} s; going ahead anyway",
+                          priority=LOG_WARNING, SETTLE_CHANGES=result.changes)
+        return result
+
+    @contextlib.contextmanager
+    def service(self, command: str) -> Iterator[None]:
+        """One run of a unit: READY=1 at once (the unit's start job is done; progress is
+        in STATUS=), a "failed" journal entry for an error, STOPPING=1 at the end."""
+        self.notifier.ready(f"{command}: started")
+        self.final_status = f"{command}: done"
+        try:
+            yield
+        except CvmUpdateError as e:
+            self.final_status = f"{command} failed: {e}"
+            self.log.outcome("failed", self.final_status, COMMAND=command, REASON=e.kind)
+            raise
+        finally:
+            self.notifier.stopping(self.final_status)
+
+    def report_update(self, result: Any) -> None:
+        """Journal entries for an UpdateResult (rhel_cvm_update.transaction)."""
+        self._report_outcome("update", result)
+        staged = result.staged or {}
+        for chain in result.sealed:
+            entry = staged.get("entry") if chain["uki"] == staged.get("uki") else None
+            next_boot = f" as {entry} (BootNext); reboot when convenient" if entry else ""
+            self.log.outcome("staged", f"sealed token {chain['token']} (keyslot {chain['keyslot']}) for "
+                             f"{chain['uki']}{next_boot}", UKI=chain["uki"], TOKEN_ID=chain["token"],
+                             KEYSLOT=chain["keyslot"], BOOT_ENTRY=entry, SOURCE=chain["source"],
+                             **{f"PCR{p}": v for p, v in chain["pcrs"].items()})
+        self._report_removed(result.removed)
+
+    def report_confirm(self, result: Any) -> None:
+        """Journal entries for a ConfirmResult (rhel_cvm_update.transaction)."""
+        self._report_outcome("confirm", result, UKI=result.booted_uki, BOOT_ENTRY=result.boot_current)
+        self._report_removed(result.removed)
+
+    def _report_outcome(self, command: str, result: Any, **fields: Any) -> None:
+        self.final_status = f"{command}: {result.outcome}" + (f" ({result.reason})" if result.reason else "")
+        # staged and removed chains get one entry each below
+        if result.outcome not in ("staged", "removed"):
+            self.log.outcome(result.outcome, self.final_status, COMMAND=command, REASON=result.reason, **fields)
+
+    def _report_removed(self, removed: Sequence[Mapping[str, Any]]) -> None:
+        for chain in removed:
+            entries = chain.get("entries") or []
+            self.log.outcome("removed", f"removed {chain['uki']}: token {chain.get('token')}, keyslot "
+                             f"{chain.get('keyslot')}, entries {', '.join(entries) or 'none'}",
+                             UKI=chain["uki"], TOKEN_ID=chain.get("token"), KEYSLOT=chain.get("keyslot"),
+                             BOOT_ENTRY=entries or None)
 
     @contextlib.contextmanager
     def critical(self) -> Iterator[None]:

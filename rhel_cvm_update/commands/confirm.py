@@ -33,13 +33,13 @@ def describe_confirm(result) -> str:
 def run(args, config) -> int:
     from rhel_cvm_update.output import print_json
     from rhel_cvm_update.transaction import run_confirm
+    from rhel_cvm_update.daemon import service_session
 
     hooks = service_hooks()
-    result = run_confirm(config, hooks=hooks, lock_timeout=None if args.no_wait else LOCK_WAIT_SECONDS)
-    if hooks is not None:
-        hooks.log.outcome(result.outcome, describe_confirm(result).splitlines()[0],
-                          UKI=result.booted_uki or "", BOOT_ENTRY=result.boot_current or "",
-                          REASON=result.reason or "")
+    with service_session(hooks, "confirm"):  # READY=1, "failed" journal entry, STOPPING=1
+        result = run_confirm(config, hooks=hooks, lock_timeout=None if args.no_wait else LOCK_WAIT_SECONDS)
+        if hooks is not None:
+            hooks.report_confirm(result)
     if args.json:
         print_json(result.to_json())
     else:

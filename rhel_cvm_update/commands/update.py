@@ -56,16 +56,19 @@ def run(args, config) -> int:
     from rhel_cvm_update.output import print_json
     from rhel_cvm_update.predict import shim_path
     from rhel_cvm_update.transaction import run_update
+    from rhel_cvm_update.daemon import service_session, settle
 
-    if args.settle:
-        from rhel_cvm_update.daemon import settle
-
-        settle([config.uki_dir, os.path.dirname(shim_path(config))], args.settle)
     hooks = service_hooks()
-    result = run_update(config, hooks=hooks, lock_timeout=None if args.no_wait else LOCK_WAIT_SECONDS)
-    if hooks is not None:
-        hooks.log.outcome(result.outcome, describe_update(result).splitlines()[0],
-                          UKI=(result.staged or {}).get("uki", ""), REASON=result.reason or "")
+    with service_session(hooks, "update"):  # READY=1, "failed" journal entry, STOPPING=1
+        if args.settle:
+            paths = [config.uki_dir, os.path.dirname(shim_path(config))]
+            if hooks is not None:
+                hooks.wait_for_quiet(paths, args.settle)
+            else:
+                settle(paths, args.settle)
+        result = run_update(config, hooks=hooks, lock_timeout=None if args.no_wait else LOCK_WAIT_SECONDS)
+        if hooks is not None:
+            hooks.report_update(result)
     if args.json:
         print_json(result.to_json())
     else:
