@@ -160,6 +160,14 @@ def test_rpm_runs_one_update_per_transaction(project_rpm, tmp_path):
     assert erase.returncode == 0, erase.stderr
     assert _runs(root) == ["-s /usr/bin/rhel-cvm-update update"] * 2
 
+    # Erasing the tool with a kernel: rpm runs no trigger of an erased package.
+    assert run(rpm + ["-i", str(kernel)]).returncode == 0
+    assert len(_runs(root)) == 3
+    both = run(rpm + ["-e", NAME, "kernel-uki-virt"])
+    assert both.returncode == 0, both.stderr
+    assert "scriptlet failed" not in both.stderr and "not found" not in both.stderr, both.stderr
+    assert not (root / HOOK.lstrip("/")).exists()
+
 
 def test_rpm_in_an_installroot_does_not_update(project_rpm, tmp_path):
     """rpm --root chroots into the installroot; with /proc and /dev there (as image
