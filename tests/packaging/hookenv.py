@@ -1,8 +1,9 @@
 """Run the hooks as their callers do, with a recording `rhel-cvm-update` first on PATH.
 
 The recorder stands in for the tool only where a test is about the hook (how often and
-with what it calls the tool, what it does with the exit code); it can pass each call on
-to the real tool (``REAL_TOOL``) so that a sandbox CVM sees the real update.
+with what it calls `update`, what it does with the exit code); it can pass each call on
+to the real tool (``real=True``) so that a sandbox CVM sees the real update.  Other
+commands (`config show`) always go to the real tool and are not recorded.
 """
 
 import os
@@ -18,9 +19,12 @@ KERNEL_INSTALL_PLUGIN = HOOKS / "kernel-install" / "95-rhel-cvm-update.install"
 
 # RECORD_EXITS: the exit code of the first, second, ... call (the last one repeats).
 RECORDER = """#!/bin/sh
+if [ "$1" != update ]; then
+    exec "$REAL_PYTHON" -m rhel_cvm_update "$@"
+fi
 echo "$*" >> "$RECORD_FILE"
-if [ -n "${REAL_TOOL:-}" ]; then
-    exec "$REAL_TOOL" -m rhel_cvm_update "$@"
+if [ -n "${REAL_UPDATE:-}" ]; then
+    exec "$REAL_PYTHON" -m rhel_cvm_update "$@"
 fi
 calls=$(wc -l < "$RECORD_FILE")
 set -- $RECORD_EXITS
@@ -49,9 +53,10 @@ class Recorder:
         env["PATH"] = "%s:%s" % (self.directory, env.get("PATH", "/usr/bin:/bin"))
         env["RECORD_FILE"] = str(self.record)
         env["RECORD_EXITS"] = " ".join(str(code) for code in self.exit_codes)
+        env["REAL_PYTHON"] = sys.executable
+        env["PYTHONPATH"] = str(REPO)
         if self.real:
-            env["REAL_TOOL"] = sys.executable
-            env["PYTHONPATH"] = str(REPO)
+            env["REAL_UPDATE"] = "1"
         env.update(extra or {})
         return env
 

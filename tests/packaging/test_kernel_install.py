@@ -2,6 +2,7 @@
 install.conf passes layout=uki through as RHEL 9.4's backport does) and with the
 environment of systemd 254+ (KERNEL_INSTALL_IMAGE_TYPE), reference 8."""
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -28,9 +29,15 @@ class Host:
         self.uki_dir = self.boot_root / "EFI" / "Linux"
         self.placed = self.uki_dir / ("%s-%s.efi" % (TOKEN, KVER))
         self.recorder = Recorder(tmp_path / "bin", exit_code=exit_code)
+        self.config = tmp_path / "config.yaml"
+        self.configure(self.uki_dir)
+
+    def configure(self, uki_dir: Path) -> None:
+        self.config.write_text("uki_dir: %s\n" % json.dumps(str(uki_dir)))
 
     def kernel_install(self, *args: str) -> subprocess.CompletedProcess:
         env = self.recorder.env({
+            "RHEL_CVM_UPDATE_CONFIG": str(self.config),
             "KERNEL_INSTALL_CONF_ROOT": str(self.conf_root),
             "KERNEL_INSTALL_PLUGINS": str(KERNEL_INSTALL_PLUGIN),
             "BOOT_ROOT": str(self.boot_root),
@@ -104,7 +111,7 @@ def test_other_layouts_are_left_alone(tmp_path):
 
 
 def _plugin(host: Host, env_extra, *args):
-    env = host.recorder.env(env_extra)
+    env = host.recorder.env(dict({"RHEL_CVM_UPDATE_CONFIG": str(host.config)}, **env_extra))
     return subprocess.run([str(KERNEL_INSTALL_PLUGIN)] + list(args), env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, timeout=120)
 
@@ -131,16 +138,46 @@ def test_systemd_254_environment_with_a_generated_uki(tmp_path):
 
 def test_missing_environment_is_an_error_with_a_message(tmp_path):
     host = Host(tmp_path)
-    result = _plugin(host, {"KERNEL_INSTALL_LAYOUT": "uki", "KERNEL_INSTALL_BOOT_ROOT": "",
-                            "KERNEL_INSTALL_ENTRY_TOKEN": TOKEN}, "add", KVER, "/x", str(host.uki))
+    result = _plugin(host, {"KERNEL_INSTALL_LAYOUT": "uki", "KERNEL_INSTALL_ENTRY_TOKEN": ""},
+                     "add", KVER, "/x", str(host.uki))
     assert result.returncode == 1
-    assert "KERNEL_INSTALL_BOOT_ROOT is not set" in result.stderr
+    assert "KERNEL_INSTALL_ENTRY_TOKEN is not set" in result.stderr
     assert host.recorder.calls() == []
-    missing_image = _plugin(host, {"KERNEL_INSTALL_LAYOUT": "uki", "KERNEL_INSTALL_BOOT_ROOT": str(host.boot_root),
-                                   "KERNEL_INSTALL_ENTRY_TOKEN": TOKEN},
+    missing_image = _plugin(host, {"KERNEL_INSTALL_LAYOUT": "uki", "KERNEL_INSTALL_ENTRY_TOKEN": TOKEN},
                             "add", KVER, "/x", str(tmp_path / "absent.efi"))
     assert missing_image.returncode == 1
     assert "is not a file" in missing_image.stderr
+    assert host.recorder.calls() == []
+
+
+def test_configured_uki_dir_gets_its_own_copy(tmp_path):
+    """uki_dir set elsewhere than $BOOT_ROOT/EFI/Linux: 90-uki-copy's file there is not
+    where rhel-cvm-update looks, so the plugin copies the UKI into uki_dir."""
+    require("kernel-install")
+    host = Host(tmp_path)
+    host.uki_dir.mkdir(parents=True)
+    (host.uki_dir / host.placed.name).write_bytes(host.uki.read_bytes())
+    elsewhere = tmp_path / "ukis"
+    host.configure(elsewhere)
+    result = host.kernel_install("add", KVER, str(host.uki))
+    assert result.returncode == 0, result.stderr
+    assert (elsewhere / host.placed.name).read_bytes() == host.uki.read_bytes()
+    assert host.recorder.calls() == ["update"]
+    assert host.kernel_install("remove", KVER).returncode == 0
+    assert not (elsewhere / host.placed.name).exists()
+    assert host.placed.exists()  # 90-uki-copy's own file is 90-uki-copy's to remove
+
+
+def test_unreadable_configuration_fails_before_touching_anything(tmp_path):
+    require("kernel-install")
+    host = Host(tmp_path)
+    host.config.write_text("uki_dirr: /typo\n")
+    result = host.kernel_install("add", KVER, str(host.uki))
+    assert result.returncode == 1
+    assert "unknown key(s) uki_dirr" in result.stderr
+    assert "cannot read the configuration of rhel-cvm-update" in result.stderr
+    assert not host.uki_dir.exists()
+    assert host.recorder.calls() == []
 
 
 def test_unknown_commands_are_ignored(tmp_path):
