@@ -471,6 +471,10 @@ def shim_authenticode_digest(buf, algorithm: str = "sha256", shim_version: str =
 def section_bytes(buf, section: PESection) -> memoryview:
     """The section's raw file data (SizeOfRawData bytes), without copying."""
     view = _view(buf)
+    if section.size_of_raw_data == 0:
+        # No file data: edk2's loader reads nothing and never looks at PointerToRawData,
+        # which _parse_pe therefore does not check either.
+        return view[0:0]
     end = section.pointer_to_raw_data + section.size_of_raw_data
     if end > len(view):
         raise FormatError(f"section {section.name} raw data ends past the end of the file",

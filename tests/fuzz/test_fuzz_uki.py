@@ -126,3 +126,18 @@ def test_four_gib_virtual_size_is_refused_quickly(seeds):
     with pytest.raises(CvmUpdateError):
         u = uki.UKI.parse(bytes(buf), SOURCE)
         u.linux_payload()
+
+
+def test_section_without_file_data_has_no_pointer_to_check(seeds):
+    """SizeOfRawData 0 means no file data (edk2 reads nothing and ignores PointerToRawData),
+    so a garbage pointer there is no error; found by this fuzzer as a FormatError naming no
+    source."""
+    image = pe.PEImage.parse(seeds[0], SOURCE)
+    sbat = image.section(".sbat")
+    buf = bytearray(seeds[0])
+    struct.pack_into("<II", buf, sbat.header_offset + 16, 0, 0xFFFFFFF0)  # SizeOfRawData, PointerToRawData
+    image = pe.PEImage.parse(bytes(buf), SOURCE)
+    section = image.section(".sbat")
+    assert bytes(pe.section_bytes(bytes(buf), section)) == b""
+    assert len(pe.loaded_section(bytes(buf), section)) == section.virtual_size
+    exercise(bytes(buf))
