@@ -49,6 +49,9 @@ def test_package_lists_every_file_of_the_design(project_rpm):
     missing = [path for path in DESIGN_FILES if path not in listed]
     assert not missing
     assert "/var/lib/rhel-cvm-update" in listed
+    query = run(["rpm", "-qp", "--qf", "[%{FILEMODES:perms} %{FILENAMES}\\n]", str(project_rpm["binary"])])
+    modes = dict(line.split(" ", 1)[::-1] for line in query.stdout.splitlines())
+    assert modes["/var/lib/rhel-cvm-update"] == "drwx------"
     config_files = set(run(["rpm", "-qcp", str(project_rpm["binary"])]).stdout.split())
     assert "/etc/rhel-cvm-update/config.yaml" in config_files
 
