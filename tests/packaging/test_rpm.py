@@ -196,3 +196,25 @@ def test_rpm_in_an_installroot_does_not_update(project_rpm, tmp_path):
     assert "(rpm-filetrigger-in): 1 boot file(s) changed" in result.stderr
     assert "not updating: running chrooted" in result.stderr
     assert _runs(root) == []
+
+
+def test_preset_enables_the_path_and_confirm_units(project_rpm, tmp_path):
+    """What %systemd_post does on a first install (systemctl preset), offline on the
+    installed tree with systemd's own systemctl: the path unit and the confirm service are
+    enabled where their [Install] sections say; the update service is only started by the
+    path unit."""
+    require("systemctl")
+    root = tmp_path / "root"
+    installed = run(["rpm", "-i", "--root", str(root), "--dbpath", "/var/lib/rpm", "--nodeps", "--noscripts",
+                     str(project_rpm["binary"])])
+    assert installed.returncode == 0, installed.stderr
+    # Everything not named by a preset stays disabled, as on RHEL (90-default.preset).
+    (root / "usr/lib/systemd/system-preset/99-default-disable.preset").write_text("disable *\n")
+    units = ["rhel-cvm-update.path", "rhel-cvm-update.service", "rhel-cvm-update-confirm.service"]
+    preset = run(["systemctl", "--root", str(root), "preset"] + units)
+    assert preset.returncode == 0, preset.stderr
+    wants = root / "etc/systemd/system"
+    assert (wants / "paths.target.wants" / "rhel-cvm-update.path").is_symlink()
+    assert (wants / "multi-user.target.wants" / "rhel-cvm-update-confirm.service").is_symlink()
+    enabled = {p.name for p in wants.rglob("*") if p.is_symlink()}
+    assert enabled == {"rhel-cvm-update.path", "rhel-cvm-update-confirm.service"}
