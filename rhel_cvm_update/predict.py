@@ -101,10 +101,13 @@ def booted_chain(efivarfs, esp: str) -> Tuple[str, str]:
 
 def predict_next_boot(config, uki: str, shim: Optional[str] = None, source: str = "auto", tpm=None,
                       event_log: Optional[str] = None, offline: bool = False,
-                      live: Optional[LivePcrs] = None, efivarfs=None) -> "Prediction":
+                      live: Optional[LivePcrs] = None, efivarfs=None,
+                      booted_shim: Optional[str] = None) -> "Prediction":
     """Predict PCR4 and PCR7 of a boot of ``uki`` through ``shim`` (default: the shim on the
     ESP now).  ``tpm``: an open adapters.tpm.Tpm (opened from config.tpm when needed);
-    ``live``: already-read live PCRs; ``offline``: no live check (log source only)."""
+    ``live``: already-read live PCRs; ``offline``: no live check (log source only);
+    ``booted_shim``: a copy of the shim that booted now, when a shim update has replaced it
+    on the ESP (default: the shim on the ESP is the booted one)."""
     from rhel_cvm_update.measure import measure_image, read_policy_variables
     from rhel_cvm_update.predict_model import predict_from_model
 
@@ -114,8 +117,8 @@ def predict_next_boot(config, uki: str, shim: Optional[str] = None, source: str 
         from rhel_cvm_update.adapters.efivarfs import EfiVarFs
 
         efivarfs = EfiVarFs(config.efivars)
-    current_shim = shim_path(config)
-    next_shim = shim or current_shim
+    current_shim = booted_shim or shim_path(config)
+    next_shim = shim or shim_path(config)
     if live is None and not offline:
         if tpm is None:
             from rhel_cvm_update.adapters.tpm import Tpm
@@ -143,6 +146,7 @@ def predict_next_boot(config, uki: str, shim: Optional[str] = None, source: str 
                               details=failures)
     try:
         booted_shim_file, booted_uki_file = booted_chain(efivarfs, config.esp)
+        booted_shim_file = booted_shim or booted_shim_file
         measure = {path: measure_image(path, banks) for path in
                    {booted_shim_file, booted_uki_file, next_shim, uki}}
         prediction = predict_from_model(read_policy_variables(efivarfs), live,

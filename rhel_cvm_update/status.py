@@ -75,26 +75,29 @@ def _host_path(config, efi_path: Optional[str]) -> Optional[str]:
     return os.path.realpath(os.path.join(config.esp, *[p for p in efi_path.split("\\") if p]))
 
 
-def _shim_changed(config, next_chain: Optional[Dict[str, Any]]) -> Optional[str]:
-    """Why the shim on the ESP breaks the next boot's chain, if it does: it must be the shim
-    that chain was sealed with (or, for the chain booted now, the one in the event log)."""
+def _esp_shim_digest(config) -> Tuple[Optional[str], Optional[str]]:
+    """(sha256 Authenticode of the shim on the ESP, None) or (None, why it cannot be read)."""
     # Only the digest: measure_image would also parse the signature (PKCS#7 through the
     # `cryptography` package, a third of status's start-up) for nothing.
     from rhel_cvm_update.formats.pe import authenticode_digest
     from rhel_cvm_update.measure import mapped_file
-    from rhel_cvm_update.predict import read_event_log, shim_path
+    from rhel_cvm_update.predict import shim_path
 
     try:
         with mapped_file(shim_path(config)) as buf:
-            digest = authenticode_digest(buf, "sha256", shim_path(config)).hex()
-        if next_chain is not None:
-            expected = {next_chain["shim_digest"]}
-        else:
-            log = read_event_log(config.event_log)
-            expected = {bytes(e.digests["sha256"]).hex() for e in log.events if e.pcr == 4 and "sha256" in e.digests}
-    except CvmUpdateError as e:
-        return f"cannot check the shim: {e}"
-    return None if digest in expected else f"{shim_path(config)} is not the shim the next chain was sealed with"
+            return authenticode_digest(buf, "sha256", shim_path(config)).hex(), None
+    except (CvmUpdateError, OSError) as e:
+        return None, f"cannot read the shim {shim_path(config)}: {e}"
+
+
+def _log_digests(config) -> List[str]:
+    from rhel_cvm_update.predict import read_event_log
+
+    try:
+        log = read_event_log(config.event_log)
+    except CvmUpdateError:
+        return []
+    return [bytes(e.digests["sha256"]).hex() for e in log.events if e.pcr == 4 and "sha256" in e.digests]
 
 
 def collect_status(config) -> Dict[str, Any]:
@@ -156,8 +159,14 @@ def collect_status(config) -> Dict[str, Any]:
     # The entry the firmware starts next, and whether a token opens the disk there.
     next_entry = boot["boot_next"] or (boot["boot_order"][0] if boot["boot_order"] else None)
     next_uki = entry_uki.get(next_entry)
+    shim_digest, shim_error = _esp_shim_digest(config)
+    if shim_error:
+        errors.append(shim_error)
+    # A UKI can have several chains (before and after a shim update): the next boot is the
+    # one with the shim on the ESP now.
     next_chain = next((c for c in chains.values() if c["status"] in LIVE_CHAIN_STATUSES
-                       and (c.get("esp_path") or "").lower() == (next_uki or "").lower()), None)
+                       and (c.get("esp_path") or "").lower() == (next_uki or "").lower()
+                       and c["shim_digest"] == shim_digest), None)
     will_unlock, why = False, "no Boot entry to start"
     live_tokens = [t for t in tokens if t["matches_current_boot"]]
     if next_chain is not None:
@@ -172,11 +181,10 @@ def collect_status(config) -> Dict[str, Any]:
     elif next_entry and next_entry == boot["boot_current"] and live_tokens:
         will_unlock, why = True, (f"it is the chain booted now and token {live_tokens[0]['token']} is sealed "
                                   "to the live PCRs")
+        if shim_digest not in _log_digests(config):
+            will_unlock, why = False, "the shim on the ESP is not the one that booted now"
     elif next_entry:
         why = f"{next_entry} ({next_uki}) has no token of this tool"
-    shim_problem = _shim_changed(config, next_chain)
-    if will_unlock and shim_problem:
-        will_unlock, why = False, shim_problem
     if not will_unlock:
         attention.append(f"the next boot ({next_entry or 'none'}) may not unlock: {why}; run 'rhel-cvm-update update'")
 

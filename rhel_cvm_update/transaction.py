@@ -53,6 +53,7 @@ from rhel_cvm_update.errors import CvmUpdateError, MachineError, PredictionError
 JOURNAL_FILE = "journal.json"
 LOCK_FILE = "lock"
 RESULT_FILE = "last-result.json"
+SHIM_STORE = "booted-shim"
 JOURNAL_VERSION = 1
 CRASH_ENV = "RHEL_CVM_UPDATE_CRASH_AT"
 UPDATE_STEPS = ("detect", "predict", "seal", "stage", "remove")
@@ -266,6 +267,7 @@ class Detected:
     shim_changed: bool
     booted_key: Optional[str]
     booted_uki: Optional[str]
+    booted_shim: Optional[str]          # a copy of the shim that booted now
     boot_current: Optional[int]
     new: List[Dict[str, Any]]           # {"uki", "esp_path", "digest", "mtime"}
     doomed: List[str]                   # chain keys whose UKI is gone
@@ -368,8 +370,38 @@ def detect(machine: Machine, journal: Journal) -> Detected:
     doomed = [key for key, c in journal.chains.items()
               if c["status"] in LIVE_CHAIN_STATUSES and c.get("uki") and c["uki"] not in present
               and key != booted_key and key != next_key]
-    return Detected(live, live_banks, shim, shim_digest, shim_changed, booted_key, booted_uki, boot_current,
-                    new, doomed, notes)
+    booted_shim = keep_booted_shim(config.state_dir, shim, shim_digest, applications[0] if applications else None)
+    if shim_changed and booted_shim is None:
+        notes.append("no copy of the shim that booted now was kept (it was replaced before this tool ran): "
+                     "prediction can only use the model")
+    return Detected(live, live_banks, shim, shim_digest, shim_changed, booted_key, booted_uki, booted_shim,
+                    boot_current, new, doomed, notes)
+
+
+def keep_booted_shim(state_dir: str, shim: str, shim_digest: str, booted_digest: Optional[str]) -> Optional[str]:
+    """A copy of the booted shim in state_dir, made while the ESP still has it: a shim update
+    replaces the file in place, and predicting the boot after it needs the old one's
+    measurements (its SBAT level, its digest in the log).  Returns the copy's path."""
+    import shutil
+
+    store = os.path.join(state_dir, SHIM_STORE)
+    if booted_digest is None:
+        return None
+    wanted = os.path.join(store, f"{booted_digest}.efi")
+    try:
+        os.makedirs(store, mode=0o700, exist_ok=True)
+        if shim_digest == booted_digest and not os.path.exists(wanted):
+            partial = wanted + ".partial"
+            shutil.copyfile(shim, partial)
+            with open(partial, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(partial, wanted)
+        for name in os.listdir(store):
+            if os.path.join(store, name) != wanted:
+                os.unlink(os.path.join(store, name))
+    except OSError as e:
+        raise MachineError(f"cannot keep a copy of the booted shim in {store}: {e.strerror}") from None
+    return wanted if os.path.exists(wanted) else None
 
 
 def _next_boot_key(machine: Machine, journal: Journal) -> Optional[str]:
@@ -393,7 +425,8 @@ def predict(machine: Machine, detected: Detected) -> List[Dict[str, Any]]:
 
     predictions = []
     for item in detected.new:
-        prediction = predict_next_boot(machine.config, item["uki"], tpm=machine.tpm, live=detected.live_banks)
+        prediction = predict_next_boot(machine.config, item["uki"], tpm=machine.tpm, live=detected.live_banks,
+                                       booted_shim=detected.booted_shim if detected.shim_changed else None)
         missing = [p for p in machine.config.pcrs if p not in prediction.pcrs]
         if missing:
             raise PredictionError(f"the prediction for {item['uki']} has no value for PCRs {missing}")
@@ -634,6 +667,10 @@ def confirm(machine: Machine, journal: Journal, detected: Detected) -> Tuple[str
         return "nothing-to-do", None, [], ("the live PCRs match no chain of this tool; "
                                             "run 'rhel-cvm-update update' to seal for this boot")
     chain = journal.chains[booted]
+    if staged is not None and staged != booted and \
+            machine.boot_manager().state().boot_next == journal.chains[staged].get("entry"):
+        # The firmware deletes BootNext when it boots it: still set, the trial is yet to come.
+        return "nothing-to-do", None, [], f"{journal.chains[staged]['uki']} is staged for the next boot"
     if staged is not None and staged != booted:
         entry = journal.chains[staged].get("entry")
         journal.data["trial_failed"] = {"staged_uki": journal.chains[staged]["uki"],

@@ -189,19 +189,25 @@ UPDATE_CRASHES = [(step, where) for step in ("detect", "predict", "seal", "stage
                   for where in ("before", "inside", "after")]
 
 
-@pytest.mark.parametrize("step,where", UPDATE_CRASHES)
-def test_update_killed_at_every_step_then_rerun(sandbox, step, where):
-    """A -> B confirmed; then UKI C is installed and A deleted, and `update` is SIGKILLed at
-    step:where.  The rerun must leave B (booted) unlocking now, C unlocking after the
-    reboot, and no keyslot or token the journal does not account for."""
-    cvm = sandbox
+def booted_b_then_c_installed_and_a_erased(cvm):
+    """A -> B confirmed, then dnf installs UKI C and erases A: the next update has every
+    step's work to do (predict and seal C, stage C, remove A's token).  Returns B's token."""
     cvm.install_uki("b")
     run_update(cvm.config())
     cvm.simulate_reboot()
     run_confirm(cvm.config())
     cvm.install_uki("c")
     cvm.remove_uki("a")
-    b_token = tokens_by_uki(cvm)["uki-b.efi"]
+    return tokens_by_uki(cvm)["uki-b.efi"]
+
+
+@pytest.mark.parametrize("step,where", UPDATE_CRASHES)
+def test_update_killed_at_every_step_then_rerun(sandbox, step, where):
+    """A -> B confirmed; then UKI C is installed and A deleted, and `update` is SIGKILLed at
+    step:where.  The rerun must leave B (booted) unlocking now, C unlocking after the
+    reboot, and no keyslot or token the journal does not account for."""
+    cvm = sandbox
+    b_token = booted_b_then_c_installed_and_a_erased(cvm)
 
     killed = cli(cvm, "update", env={"RHEL_CVM_UPDATE_CRASH_AT": f"{step}:{where}"})
     assert killed.returncode == -9, (killed.stdout, killed.stderr)
@@ -286,3 +292,84 @@ def test_fifty_update_cycles_stay_bounded(sandbox):
         if cycle % 10 == 9:
             assert cvm.unlocking_tokens() == [tokens_by_uki(cvm)[f"uki-{name}.efi"]]
     assert cvm.recovery_unlocks()
+
+
+def test_shim_update_seals_every_uki_again_and_the_real_next_boot_unlocks(sandbox):
+    """shim-x64 replaced in place by another build (Debian's shim-unsigned, captured booting
+    UKI A as sb-off-shim-b-uki-a): the booted UKI needs a new chain; the copy of the booted
+    shim the tool kept lets the log source predict it."""
+    cvm = sandbox
+    assert run_confirm(cvm.config()).outcome == "nothing-to-do"  # the boot-time run keeps the shim copy
+    unsigned = "/usr/lib/shim/shimx64.efi"
+    if not os.path.exists(unsigned):
+        pytest.skip("shim-unsigned is not installed")
+    shutil.copyfile(unsigned, cvm.shim)
+    status = cli(cvm, "status", "--json")
+    assert status.returncode == 1 and not json.loads(status.stdout)["next_boot"]["will_unlock"]
+    result = run_update(cvm.config())
+    assert result.shim_changed and result.outcome == "staged" and result.staged is None
+    (sealed,) = result.sealed
+    assert sealed["uki"].endswith("uki-a.efi") and sealed["source"] == "log"
+    assert cli(cvm, "status").returncode == 0
+    booted = cvm.simulate_reboot()
+    assert booted["log"] == "real log of captured boot sb-off-shim-b-uki-a"
+    assert cvm.unlocking_tokens() == [sealed["token"]]
+    confirmed = run_confirm(cvm.config())
+    assert confirmed.outcome == "confirmed"
+    # The old shim's chain can never boot again: retired whatever keep_previous says.
+    assert [r["token"] for r in confirmed.removed] == [0]
+    assert [int(t) for t in cvm.luks_json()["tokens"]] == [sealed["token"]]
+
+
+class RecordingHooks:
+    def __init__(self):
+        self.events = []
+
+    def step(self, name, detail=""):
+        self.events.append(name)
+
+    def critical(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def section():
+            self.events.append("critical{")
+            try:
+                yield
+            finally:
+                self.events.append("}")
+        return section()
+
+
+def test_hooks_hear_every_step_and_seal_and_stage_are_critical(sandbox):
+    cvm = sandbox
+    cvm.install_uki("b")
+    hooks = RecordingHooks()
+    run_update(cvm.config(), hooks=hooks)
+    assert hooks.events == ["critical{", "}", "detect", "predict", "critical{", "seal", "stage", "remove", "}"]
+    cvm.simulate_reboot()
+    hooks = RecordingHooks()
+    run_confirm(cvm.config(), hooks=hooks)
+    assert hooks.events == ["critical{", "}", "detect", "critical{", "confirm", "remove", "}"]
+
+
+@pytest.mark.parametrize("step,where", UPDATE_CRASHES)
+def test_power_cut_right_after_a_killed_update_still_unlocks(sandbox, step, where):
+    """No rerun: the VM loses power at once.  Whatever the firmware boots next must unlock
+    with systemd's plugin, and update + confirm in that boot must clean up."""
+    cvm = sandbox
+    booted_b_then_c_installed_and_a_erased(cvm)
+    killed = cli(cvm, "update", env={"RHEL_CVM_UPDATE_CRASH_AT": f"{step}:{where}"})
+    assert killed.returncode == -9, (killed.stdout, killed.stderr)
+    cvm.process_killed()
+    booted = cvm.simulate_reboot()
+    assert cvm.unlocking_tokens(), booted
+    assert cli(cvm, "update").returncode == 0
+    confirmed = cli(cvm, "confirm")
+    assert confirmed.returncode == 0, confirmed.stdout + confirmed.stderr
+    owners = keyslot_owners(cvm)
+    journal_tokens = sorted(tokens_by_uki(cvm).values())
+    assert sorted(o for o in owners.values() if o is not None) == journal_tokens
+    assert [s for s, o in owners.items() if o is None] == [0]
+    status = cli(cvm, "status")
+    assert status.returncode == 0, status.stdout
