@@ -1,5 +1,6 @@
 # make setup : Debian packages (as root, when apt-get exists) + .venv (Python 3.11) + .venv39 (Python 3.9)
 # make test  : the whole suite on both Pythons (VM tests included; PYTEST_ARGS to narrow)
+# make demo  : a kernel update on a sandbox CVM (swtpm vTPM, LUKS2 image, real shim and UKIs), step by step
 SHELL := /bin/bash
 PY311 ?= $(shell command -v python3.11 || echo $(HOME)/.pyenv/versions/3.11.7/bin/python3.11)
 PY39  ?= $(shell ls -d $(HOME)/.pyenv/versions/3.9*/bin/python3.9 2>/dev/null | tail -1 || command -v python3.9)
@@ -7,9 +8,9 @@ PYTEST_ARGS ?=
 APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev cryptsetup-bin efibootmgr pesign sbsigntool \
 	osslsigncode ovmf qemu-system-x86 shim-signed shim-unsigned systemd-boot-efi mtools rpm rpmlint gdisk \
 	dosfstools busybox-static cpio build-essential pkg-config libsystemd-dev libgirepository1.0-dev \
-	libcairo2-dev xz-utils zstd efitools openssl binutils util-linux dnf dnf-plugins-core man-db groff-base bash-completion
+	libcairo2-dev xz-utils zstd efitools openssl binutils util-linux dnf dnf-plugins-core man-db groff-base bash-completion dbus
 
-.PHONY: setup apt venvs test test311 test39 bench clean rpm
+.PHONY: setup apt venvs test test311 test39 bench clean demo rpm
 setup: apt venvs
 
 apt:
@@ -40,6 +41,9 @@ test311: .venv/.installed
 # The VM tests boot real firmware and are the same on both Pythons; run them once (on 3.11).
 test39: .venv39/.installed
 	.venv39/bin/python -m pytest -q -m 'not vm' $(PYTEST_ARGS)
+
+demo: apt .venv/.installed
+	.venv/bin/python demo/run.py
 
 bench: .venv/.installed
 	.venv/bin/python -m benchmarks

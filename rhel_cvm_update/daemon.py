@@ -369,6 +369,7 @@ class DaemonHooks:
         self.notifier = notifier if notifier is not None else Notifier()
         self._inhibitor_factory = inhibitor_factory if inhibitor_factory is not None else ShutdownInhibitor
         self._depth = 0
+        self._inhibitor_unavailable = False
         self.final_status = ""
 
     def step(self, name: str, detail: Any = "") -> None:
@@ -384,7 +385,7 @@ class DaemonHooks:
 
     def wait_for_quiet(self, paths: Sequence[str], seconds: float) -> SettleResult:
         where = " and ".join(paths)
-        self.notifier.status(f"waiting until {where} has been quiet for {seconds:g} s")
+        self.notifier.status(f"waiting until {where} stay quiet for {seconds:g} s")
         result = settle(paths, seconds)
         if not result.quiet:
             self.log.send(f"{where} kept changing for {result.waited:.0f} s; going ahead anyway",
@@ -449,7 +450,17 @@ class DaemonHooks:
             return
         self._depth = 1
         try:
-            with signals_deferred(), self._inhibitor_factory(self.log):
-                yield
+            with signals_deferred():
+                if self._inhibitor_unavailable:
+                    yield
+                    return
+                inhibitor = self._inhibitor_factory(self.log)
+                # One warning per run is enough: a bus or logind that is missing now will
+                # still be missing at the next critical section.
+                self._inhibitor_unavailable = not inhibitor.acquire()
+                try:
+                    yield
+                finally:
+                    inhibitor.release()
         finally:
             self._depth = 0
