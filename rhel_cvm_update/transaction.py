@@ -138,13 +138,33 @@ def empty_journal() -> Dict[str, Any]:
     return {"version": JOURNAL_VERSION, "chains": {}, "pending": None, "trial_failed": None, "live": None}
 
 
+CHAIN_STATUSES = LIVE_CHAIN_STATUSES + ("retired",)
+_CHAIN_FIELDS = (("uki", (str, type(None))), ("esp_path", (str, type(None))), ("uki_digest", str),
+                 ("shim_digest", str), ("pcrs", dict), ("policy_hash", str), ("token", int), ("keyslot", int),
+                 ("entry", (int, type(None))), ("status", str))
+
+
 def read_journal(state_dir: str) -> Dict[str, Any]:
+    """The journal, checked field by field: code that trusts it deletes tokens and keyslots."""
     path = os.path.join(state_dir, JOURNAL_FILE)
     journal = read_json(path)
     if journal is None:
         return empty_journal()
     if journal.get("version") != JOURNAL_VERSION or not isinstance(journal.get("chains"), dict):
         raise TransactionError(f"{path}: unknown journal version {journal.get('version')!r}")
+    for key, chain in journal["chains"].items():
+        bad = [name for name, kind in _CHAIN_FIELDS
+               if not isinstance(chain, dict) or not isinstance(chain.get(name), kind) or isinstance(chain.get(name), bool)]
+        if bad or chain["status"] not in CHAIN_STATUSES:
+            raise TransactionError(f"{path}: chain {key!r} is damaged (fields {', '.join(bad) or 'status'}); "
+                                   "move the journal aside to start afresh")
+    pending = journal.get("pending")
+    if pending is not None and not (isinstance(pending, dict) and pending.get("kind") in ("update", "confirm")
+                                    and isinstance(pending.get("doomed", []), list)
+                                    and all(k in journal["chains"] for k in pending.get("doomed", []))
+                                    and isinstance(pending.get("reserved") or {}, dict)
+                                    and isinstance((pending.get("reserved") or {}).get("keyslot"), (int, type(None)))):
+        raise TransactionError(f"{path}: the pending transaction record is damaged")
     return journal
 
 
@@ -253,9 +273,13 @@ class Machine:
         return _CrashAfterWrites(self.luks, step, ("add_keyslot", "import_token", "remove_token", "kill_keyslot"))
 
     def digest(self, path: str) -> str:
-        from rhel_cvm_update.measure import measure_image
+        # The image digest only: measure_image would also hash the UKI's kernel and parse the
+        # signature, which detect does not need, for every UKI on every update.
+        from rhel_cvm_update.formats.pe import authenticode_digest
+        from rhel_cvm_update.measure import mapped_file
 
-        return bytes(measure_image(path, ["sha256"]).authenticode["sha256"]).hex()
+        with mapped_file(path) as buf:
+            return authenticode_digest(buf, "sha256", path).hex()
 
 
 @dataclasses.dataclass
