@@ -26,6 +26,7 @@ echo "$*" >> "$RECORD_FILE"
 if [ -n "${REAL_UPDATE:-}" ]; then
     exec "$REAL_PYTHON" -m rhel_cvm_update "$@"
 fi
+echo "recorded: $*"
 calls=$(wc -l < "$RECORD_FILE")
 set -- $RECORD_EXITS
 while [ "$calls" -gt 1 ] && [ $# -gt 1 ]; do shift; calls=$((calls - 1)); done

@@ -36,7 +36,7 @@ def test_one_update_for_a_transaction_of_many_files(tmp_path):
     assert result.returncode == 0, result.stderr
     assert recorder.calls() == ["update"]
     assert "(rpm-filetrigger-in): 5 boot file(s) changed" in result.stderr
-    assert result.stdout == ""
+    assert result.stdout == "recorded: update\n"
 
 
 def test_no_update_without_boot_files(tmp_path):
@@ -63,7 +63,19 @@ def test_failure_is_reported_with_the_exit_code(tmp_path):
     assert result.returncode == 2
     assert recorder.calls() == ["update"]
     assert "'rhel-cvm-update update' failed (exit 2)" in result.stderr
-    assert result.stdout == ""
+    assert result.stdout == "recorded: update\n"
+
+
+def test_update_output_goes_to_stderr_for_dnf5_only(tmp_path):
+    """libdnf5 parses stdout; dnf 4 logs stderr as errors; rpm and kernel-install show both."""
+    recorder = Recorder(tmp_path / "bin")
+    for source in ("dnf4", "dnf5", "rpm-filetrigger-postun", "kernel-install"):
+        result = run_hook(recorder, [source])
+        assert result.returncode == 0
+        shown = result.stderr if source == "dnf5" else result.stdout
+        hidden = result.stdout if source == "dnf5" else result.stderr
+        assert shown == "recorded: update\n", source
+        assert hidden == "", source
 
 
 def test_dnf5_reads_only_a_log_line_from_stdout(tmp_path):

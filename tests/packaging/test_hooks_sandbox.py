@@ -37,7 +37,7 @@ def test_rpm_trigger_runs_one_transaction_for_five_boot_files(sandbox, tmp_path)
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert recorder.calls() == ["update"]
-    assert "update: staged" in result.stderr
+    assert "update: staged" in result.stdout
     # One new keyslot + token and a trial boot of B; the running boot A's token untouched.
     assert len(keyslots(cvm)) == len(slots_before) + 1
     staged = read_u16_var(cvm.efivars, "BootNext")
@@ -47,7 +47,7 @@ def test_rpm_trigger_runs_one_transaction_for_five_boot_files(sandbox, tmp_path)
     again = subprocess.run([str(HOOK), "rpm-filetrigger-postun"], env=hook_env(cvm, recorder),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
-    assert "update: nothing-to-do" in again.stderr
+    assert "update: nothing-to-do" in again.stdout
     assert len(keyslots(cvm)) == len(slots_before) + 1
     assert read_u16_var(cvm.efivars, "BootNext") == staged
 
@@ -109,7 +109,7 @@ def test_kernel_install_add_then_remove_on_the_sandbox(sandbox, tmp_path):
     older = "6.1.0-98-cloud-amd64"
     removed = plugin("remove", older, str(cvm.esp / token / older))
     assert not (cvm.uki_dir / ("%s-%s.efi" % (token, older))).exists()
-    assert "update: removed" in removed.stderr
+    assert "update: removed" in removed.stdout
     assert len(keyslots(cvm)) == len(slots_before) + 1
     chains = read_journal(str(cvm.state_dir))["chains"].values()
     assert not any(c.get("uki", "").endswith("-%s.efi" % older) and c["status"] != "retired" for c in chains)
