@@ -15,7 +15,7 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from rhel_cvm_update.errors import CvmUpdateError
-from rhel_cvm_update.transaction import LIVE_CHAIN_STATUSES, RESULT_FILE, read_journal, read_json
+from rhel_cvm_update.transaction import LIVE_CHAIN_STATUSES, RESULT_FILE, empty_journal, read_journal, read_json
 
 SYSFS_PCRS = "/sys/class/tpm/tpm0/pcr-sha256"
 EXIT_OK, EXIT_ATTENTION, EXIT_ERROR = 0, 1, 2
@@ -104,10 +104,18 @@ def collect_status(config) -> Dict[str, Any]:
     """The status document; ``exit_code`` and ``attention`` say what the admin should do."""
     from rhel_cvm_update.formats.tpm_policy import policy_pcr
 
-    journal = read_journal(config.state_dir)
-    last = read_json(os.path.join(config.state_dir, RESULT_FILE))
     attention: List[str] = []
     errors: List[str] = []
+    try:
+        journal = read_journal(config.state_dir)
+    except CvmUpdateError as e:
+        journal = empty_journal()
+        errors.append(str(e))
+    try:
+        last = read_json(os.path.join(config.state_dir, RESULT_FILE))
+    except CvmUpdateError as e:
+        last = None
+        errors.append(str(e))
     chains = journal["chains"]
     live, live_source = live_pcrs(config, journal)
     live_policy = policy_pcr(live, "sha256").hex() if live and sorted(live) == list(config.pcrs) else None

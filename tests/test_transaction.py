@@ -15,7 +15,7 @@ import pytest
 
 from rhel_cvm_update.errors import TransactionError
 from rhel_cvm_update.transaction import read_journal, run_confirm, run_update, state_lock
-from tests.sandbox import built_or_skip, read_u16_var, sandbox  # noqa: F401  (fixture)
+from tests.sandbox import BOOTS, built_or_skip, read_u16_var, sandbox  # noqa: F401  (fixture)
 from tests.swtpm_fixtures import header_bytes
 
 pytestmark = [pytest.mark.swtpm, pytest.mark.root]
@@ -373,3 +373,46 @@ def test_power_cut_right_after_a_killed_update_still_unlocks(sandbox, step, wher
     assert [s for s, o in owners.items() if o is None] == [0]
     status = cli(cvm, "status")
     assert status.returncode == 0, status.stdout
+
+
+def test_refused_prediction_seals_nothing_and_says_why(sandbox):
+    """The event log no longer explains the live PCRs (boot B's real log while the TPM holds
+    boot A): neither source is trusted, nothing is written, status says why."""
+    cvm = sandbox
+    cvm.install_uki("b")
+    shutil.copyfile(BOOTS / "sb-off-uki-b" / "eventlog.bin", cvm.event_log)
+    header = header_bytes(str(cvm.luks))
+    refused = cli(cvm, "update", "--json")
+    assert refused.returncode == 1
+    result = json.loads(refused.stdout)
+    assert result["outcome"] == "refused" and "neither source" in result["reason"]
+    assert header_bytes(str(cvm.luks)) == header and read_u16_var(cvm.efivars, "BootNext") is None
+    status = json.loads(cli(cvm, "status", "--json").stdout)
+    assert any("update refused" in a for a in status["attention"])
+
+
+def test_damaged_journal_stops_the_transaction(sandbox):
+    cvm = sandbox
+    cvm.install_uki("b")
+    assert cli(cvm, "update").returncode == 0
+    journal = json.loads((cvm.state_dir / "journal.json").read_text())
+    key = next(iter(journal["chains"]))
+    journal["chains"][key]["token"] = "0"
+    (cvm.state_dir / "journal.json").write_text(json.dumps(journal))
+    header = header_bytes(str(cvm.luks))
+    for command in ("update", "confirm"):
+        stopped = cli(cvm, command)
+        assert stopped.returncode == 4 and "is damaged (fields token)" in stopped.stderr
+    (cvm.state_dir / "journal.json").write_text("{not json")
+    assert cli(cvm, "update").returncode == 4
+    assert header_bytes(str(cvm.luks)) == header
+    status = cli(cvm, "status")
+    assert status.returncode == 2 and "ERROR:" in status.stdout and "Tokens:" in status.stdout
+
+
+def test_settle_waits_for_a_quiet_directory_then_updates(sandbox):
+    cvm = sandbox
+    cvm.install_uki("b")
+    settled = cli(cvm, "update", "--settle", "0.3", "--json")
+    assert settled.returncode == 0, settled.stderr
+    assert json.loads(settled.stdout)["outcome"] == "staged"
