@@ -70,7 +70,8 @@ KERNELS = {"a": "linux-image-cloud-amd64", "b": "linux-image-amd64", "bad": "lin
 # kernel's whole tree would triple the image.
 MODULE_DIRS = ("drivers/block", "drivers/char", "drivers/md", "drivers/virtio", "fs", "crypto",
                "arch/x86/crypto", "lib")
-INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
+# crc32c: ext4 needs it (a soft dependency, not in modules.dep); built in in the cloud kernel.
+INITRD_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
 
 ROOT_DEVICE = "/dev/vda2"
 MISSING_ROOT_DEVICE = "/dev/vda9"
@@ -259,6 +260,10 @@ def enable_unit(tree: Path, unit: str, unit_text: str) -> None:
             link.symlink_to("/usr/lib/systemd/system/" + unit)
 
 
+# What the RPM's preset (80-rhel-cvm-update.preset) enables; the other units are started by these.
+PRESET_ENABLED = ("rhel-cvm-update.path", "rhel-cvm-update-confirm.service")
+
+
 def product_units() -> List[Path]:
     return sorted(p for p in (REPO_ROOT / "systemd").glob("*")
                   if p.suffix in (".service", ".path", ".timer", ".socket", ".target"))
@@ -331,7 +336,9 @@ def populate(tree: Path, ukis: Dict[str, Path]) -> None:
     cli.chmod(0o755)
     for unit in product_units():
         shutil.copyfile(unit, tree / "usr/lib/systemd/system" / unit.name)
-        enable_unit(tree, unit.name, unit.read_text())
+        if unit.name in PRESET_ENABLED:
+            enable_unit(tree, unit.name, unit.read_text())
+    (tree / "var/lib/rhel-cvm-update").mkdir(mode=0o755, parents=True, exist_ok=True)
     config = tree / "etc/rhel-cvm-update/config.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text("# e2e guest: the LUKS2 volume is the data partition, not the root\n"
@@ -455,7 +462,7 @@ def csv_text(uki_esp_path: str) -> bytes:
 
 def image_key(kernels: Dict[str, realbins.KernelPackage], base: Path) -> str:
     inputs: List[object] = [base.name, sorted((n, k.name, k.version) for n, k in kernels.items()),
-                            GUEST_PACKAGES, VENV_PACKAGES, MODULE_DIRS, INITRD_MODULES, CMDLINE, MASKED_UNITS,
+                            PRESET_ENABLED, GUEST_PACKAGES, VENV_PACKAGES, MODULE_DIRS, INITRD_MODULES, CMDLINE, MASKED_UNITS,
                             Path(__file__), HERE / "agent.py", HERE / "init.sh",
                             capture.SHIM_SIGNED, realbins.SYSTEMD_STUB, realbins.BUSYBOX]
     inputs += [str(p.relative_to(REPO_ROOT)) for p in product_sources() + product_units()]

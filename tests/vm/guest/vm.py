@@ -7,7 +7,7 @@ the same disk, variables and TPM state.  Every boot is counted and timed for the
 """
 
 import json
-import os
+import random
 import shutil
 import socket
 import subprocess
@@ -176,10 +176,10 @@ class GuestVm:
             if reply is not None and reply["boot_id"] != previous:
                 break
         record = BootRecord(reply["boot_id"], 0.0)
+        self.boots.append(record)
         # is-system-running --wait returns once the boot transaction is done (running or degraded).
         self.run(["systemctl", "is-system-running", "--wait"], timeout=max(30, deadline - time.monotonic()))
         record.seconds = round(time.monotonic() - started, 1)
-        self.boots.append(record)
         return record
 
     def reboot(self) -> BootRecord:
@@ -263,36 +263,31 @@ def init_tpm(state: Path) -> None:
     """
     state.mkdir(parents=True)
     realbins.run(["swtpm_setup", "--tpm2", "--tpmstate", str(state), "--pcr-banks", "sha1,sha256", "--overwrite"])
-    port = free_port_pair()
-    proc = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", "dir=" + str(state),
-                             "--server", "type=tcp,port=%d,bindaddr=127.0.0.1" % port,
-                             "--ctrl", "type=tcp,port=%d,bindaddr=127.0.0.1" % (port + 1),
-                             "--flags", "not-need-init,startup-clear"])
-    try:
-        tcti = "swtpm:host=127.0.0.1,port=%d" % port
-        wait_for(lambda: port_open(port), 10, "swtpm did not listen on %d" % port)
-        realbins.run(["tpm2_dictionarylockout", "-T", tcti, "--setup-parameters", "--max-tries=1000",
-                      "--recovery-time=0", "--lockout-recovery-time=0"])
-        realbins.run(["tpm2_dictionarylockout", "-T", tcti, "--clear-lockout"])
-        realbins.run(["tpm2_shutdown", "-T", tcti])
-    finally:
-        subprocess.run(["swtpm_ioctl", "--tcp", "127.0.0.1:%d" % (port + 1), "-s"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(5):
+        port = random.randrange(20000, 32000, 2)
+        proc = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", "dir=" + str(state),
+                                 "--server", "type=tcp,port=%d,bindaddr=127.0.0.1" % port,
+                                 "--ctrl", "type=tcp,port=%d,bindaddr=127.0.0.1" % (port + 1),
+                                 "--flags", "not-need-init,startup-clear"], stderr=subprocess.DEVNULL)
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def free_port_pair() -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 65000 and not port_open(port + 1):
-            return port
-    raise GuestError("no free TCP port pair for swtpm")
+            wait_for(lambda: proc.poll() is not None or port_open(port), 10, "swtpm did not listen on %d" % port)
+            if proc.poll() is not None:
+                continue  # the port was taken: try another
+            tcti = "swtpm:host=127.0.0.1,port=%d" % port
+            realbins.run(["tpm2_dictionarylockout", "-T", tcti, "--setup-parameters", "--max-tries=1000",
+                          "--recovery-time=0", "--lockout-recovery-time=0"])
+            realbins.run(["tpm2_dictionarylockout", "-T", tcti, "--clear-lockout"])
+            realbins.run(["tpm2_shutdown", "-T", tcti])
+            return
+        finally:
+            subprocess.run(["swtpm_ioctl", "--tcp", "127.0.0.1:%d" % (port + 1), "-s"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    raise GuestError("swtpm found no free TCP port pair")
 
 
 def port_open(port: int) -> bool:
