@@ -56,7 +56,7 @@ RESULT_FILE = "last-result.json"
 SHIM_STORE = "booted-shim"
 JOURNAL_VERSION = 1
 CRASH_ENV = "RHEL_CVM_UPDATE_CRASH_AT"
-UPDATE_STEPS = ("detect", "predict", "seal", "stage", "remove")
+UPDATE_STEPS = ("detect", "predict", "seal", "stage", "remove")  # the crash points' step names
 CONFIRM_STEPS = ("detect", "confirm", "remove")
 LIVE_CHAIN_STATUSES = ("sealed", "staged", "booted", "previous", "trial-failed")
 
@@ -297,9 +297,6 @@ class Detected:
     doomed: List[str]                   # chain keys whose UKI is gone
     notes: List[str]
 
-    def summary(self) -> Dict[str, Any]:
-        return {"booted_uki": self.booted_uki, "shim_changed": self.shim_changed,
-                "new": [n["uki"] for n in self.new], "removed": self.doomed}
 
 
 def _policy(config, pcrs: Dict[int, bytes]) -> bytes:
@@ -389,11 +386,11 @@ def detect(machine: Machine, journal: Journal) -> Detected:
             continue
         new.append({"uki": uki.path, "esp_path": uki.esp_path, "digest": digests[uki.path], "key": key,
                     "mtime": os.stat(uki.path).st_mtime})
-    present = set(digests)
-    next_key = _next_boot_key(machine, journal)
+    # Only a UKI whose file is gone (not one that fails to parse: dnf may be writing it) loses
+    # its chain; the firmware cannot start a missing file, so no such chain is a next boot.
     doomed = [key for key, c in journal.chains.items()
-              if c["status"] in LIVE_CHAIN_STATUSES and c.get("uki") and c["uki"] not in present
-              and key != booted_key and key != next_key]
+              if c["status"] in LIVE_CHAIN_STATUSES and c.get("uki") and not os.path.exists(c["uki"])
+              and key != booted_key]
     booted_shim = keep_booted_shim(config.state_dir, shim, shim_digest, applications[0] if applications else None)
     if shim_changed and booted_shim is None:
         notes.append("no copy of the shim that booted now was kept (it was replaced before this tool ran): "
@@ -426,20 +423,6 @@ def keep_booted_shim(state_dir: str, shim: str, shim_digest: str, booted_digest:
     except OSError as e:
         raise MachineError(f"cannot keep a copy of the booted shim in {store}: {e.strerror}") from None
     return wanted if os.path.exists(wanted) else None
-
-
-def _next_boot_key(machine: Machine, journal: Journal) -> Optional[str]:
-    """The chain the firmware starts next: BootNext's entry, else the head of BootOrder."""
-    state = machine.boot_manager().state()
-    number = state.boot_next if state.boot_next is not None else (state.boot_order[0] if state.boot_order else None)
-    entry = state.entry(number) if number is not None else None
-    uki = entry.option.optional_data_path() if entry is not None and entry.option else None
-    if uki is None:
-        return None
-    for key, chain in journal.chains.items():
-        if chain["status"] in LIVE_CHAIN_STATUSES and (chain.get("esp_path") or "").lower() == uki.lower():
-            return key
-    return None
 
 
 # --- the steps ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 
 from rhel_cvm_update.status import live_pcrs
 from rhel_cvm_update.transaction import run_update
-from tests.sandbox import BOOTS, captured_pcrs, sandbox  # noqa: F401  (fixture)
+from tests.sandbox import captured_pcrs, sandbox  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.swtpm, pytest.mark.root]
 

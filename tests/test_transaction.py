@@ -14,7 +14,8 @@ import threading
 import pytest
 
 from rhel_cvm_update.errors import TransactionError
-from rhel_cvm_update.transaction import read_journal, run_confirm, run_update, state_lock
+from rhel_cvm_update.transaction import (CONFIRM_STEPS, UPDATE_STEPS, read_journal, run_confirm, run_update,
+                                          state_lock)
 from tests.sandbox import BOOTS, built_or_skip, read_u16_var, sandbox  # noqa: F401  (fixture)
 from tests.swtpm_fixtures import header_bytes
 
@@ -185,8 +186,7 @@ def test_deleted_uki_loses_its_token_but_foreign_tokens_stay(sandbox):
     assert cvm.recovery_unlocks() and cvm.plugin_unlocks(tokens_by_uki(cvm)["uki-b.efi"])
 
 
-UPDATE_CRASHES = [(step, where) for step in ("detect", "predict", "seal", "stage", "remove")
-                  for where in ("before", "inside", "after")]
+UPDATE_CRASHES = [(step, where) for step in UPDATE_STEPS for where in ("before", "inside", "after")]
 
 
 def booted_b_then_c_installed_and_a_erased(cvm):
@@ -231,7 +231,7 @@ def test_update_killed_at_every_step_then_rerun(sandbox, step, where):
     assert cvm.recovery_unlocks()
 
 
-CONFIRM_CRASHES = [(step, where) for step in ("detect", "confirm", "remove") for where in ("before", "inside", "after")]
+CONFIRM_CRASHES = [(step, where) for step in CONFIRM_STEPS for where in ("before", "inside", "after")]
 
 
 @pytest.fixture
@@ -347,10 +347,12 @@ def test_hooks_hear_every_step_and_seal_and_stage_are_critical(sandbox):
     hooks = RecordingHooks()
     run_update(cvm.config(), hooks=hooks)
     assert hooks.events == ["critical{", "}", "detect", "predict", "critical{", "seal", "stage", "remove", "}"]
+    assert [e for e in hooks.events if e.isalpha()] == list(UPDATE_STEPS)
     cvm.simulate_reboot()
     hooks = RecordingHooks()
     run_confirm(cvm.config(), hooks=hooks)
     assert hooks.events == ["critical{", "}", "detect", "critical{", "confirm", "remove", "}"]
+    assert [e for e in hooks.events if e.isalpha()] == list(CONFIRM_STEPS)
 
 
 @pytest.mark.parametrize("step,where", UPDATE_CRASHES)
