@@ -7,6 +7,7 @@ import re
 import stat
 from pathlib import Path
 
+import pytest
 import yaml
 
 from rhel_cvm_update.config import config_from_mapping
@@ -122,11 +123,14 @@ def _runs(root: Path):
     return log.read_text().splitlines() if log.exists() else []
 
 
+@pytest.mark.root
 def test_rpm_runs_one_update_per_transaction(project_rpm, tmp_path):
     """Real rpm, real trigger declarations, real hook script (under busybox in a scratch
     root): a transaction of two packages with five boot files and kernel modules runs the
     update once; a transaction without boot files runs none; an erase runs one."""
     require("busybox")
+    if os.geteuid() != 0:
+        pytest.skip("needs root: rpm chroots into the scratch root to run scriptlets")
     root = tmp_path / "root"
     _busybox_root(root)
     rpm = ["rpm", "--root", str(root), "--dbpath", "/var/lib/rpm", "--nodeps"]
@@ -172,6 +176,7 @@ def test_rpm_runs_one_update_per_transaction(project_rpm, tmp_path):
     assert not (root / HOOK.lstrip("/")).exists()
 
 
+@pytest.mark.root
 def test_rpm_in_an_installroot_does_not_update(project_rpm, tmp_path):
     """rpm --root chroots into the installroot; with /proc and /dev there (as image
     builders and mock provide them) the hook sees that PID 1's root is not its own and leaves the TPM and
@@ -179,7 +184,6 @@ def test_rpm_in_an_installroot_does_not_update(project_rpm, tmp_path):
     readable even where ptrace of the real init is restricted."""
     require("busybox", "unshare", "mount")
     if os.geteuid() != 0:
-        import pytest
         pytest.skip("needs root for PID and mount namespaces")
     root = tmp_path / "root"
     _busybox_root(root)
