@@ -3,4 +3,4 @@
 Not tests: numbers depend on the machine.  Each module in BENCHMARKS has ``main() -> int``.
 """
 
-BENCHMARKS = ("authenticode", "tcglog", "reseal", "status", "hooks")
+BENCHMARKS = ("authenticode", "tcglog", "reseal", "status", "update", "growth", "hooks")
