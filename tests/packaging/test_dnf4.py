@@ -10,7 +10,6 @@ mount namespace; a recording rhel-cvm-update first on PATH counts the updates.
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
