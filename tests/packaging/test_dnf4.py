@@ -33,6 +33,8 @@ def dnf_host(project_rpm, tmp_path):
         pytest.skip("dnf-plugins-core (post-transaction-actions) is not installed")
     if os.geteuid() != 0:
         pytest.skip("needs root for a private mount namespace")
+    if shutil.which(SYSTEM_PYTHON) is None:
+        pytest.skip("no system python3 for dnf")
     package_root = tmp_path / "package"
     installed = run(["rpm", "-i", "--root", str(package_root), "--dbpath", "/var/lib/rpm", "--nodeps",
                      "--noscripts", str(project_rpm["binary"])])
@@ -66,8 +68,6 @@ def dnf_host(project_rpm, tmp_path):
 
 
 def test_dnf4_runs_one_update_per_transaction(dnf_host):
-    if shutil.which(SYSTEM_PYTHON) is None:
-        pytest.skip("no system python3 for dnf")
     dnf, packages, recorder = dnf_host
     dnf("install", str(packages["kernel"]), str(packages["shim"]))
     assert recorder.calls() == ["update"]
