@@ -1,0 +1,226 @@
+"""Our units under a real systemd 252 service manager, on the sandbox CVM.
+
+This machine's PID 1 is not systemd, but systemd 252 runs here as a *user* manager
+(``systemd --user``, as root) inside a private mount namespace that has its own /run (a
+tmpfs, as on any systemd machine: MountAPIVFS=, implied by ProtectProc= and
+ProtectControlGroups=, would otherwise put an empty tmpfs over a /run that is not a mount
+point and hide the journal socket), the system/ marker directory the manager looks for,
+and its own systemd-journald.  The manager starts services exactly as PID 1 would: it sets
+$NOTIFY_SOCKET, $INVOCATION_ID and $JOURNAL_STREAM, connects stdout/stderr to the journal,
+applies the sandboxing it can, follows PathChanged= and the trigger limits.
+
+The units are the shipped files with only these substitutions (UNIT_SUBSTITUTIONS):
+/boot/efi and the state directory become the sandbox's; ExecStart= runs this checkout
+with the sandbox's config; the network lines go because the sandbox's vTPM is swtpm on a
+TCP port (a real VM has /dev/tpmrm0); PrivateTmp= goes because the sandbox lives under
+/tmp; the device lines go because the sandbox's "devices" are files and a user manager
+has no device cgroup to enforce them; ConditionPathIsDirectory= names the sandbox's
+efivars copy; ProtectKernelTunables=, ProtectKernelLogs= and ProtectHome= go because this
+container refuses the mounts they need (each alone fails the start with 226/NAMESPACE; the
+Python here also lives under /root).  Everything else in the sandbox -- ProtectSystem=strict
+with ReadWritePaths=, the capability bounding set, NoNewPrivileges=, the system-call filter,
+the namespace and personality restrictions -- is applied by the manager during the run.  What is checked: a UKI dropped into the ESP starts the service once; its
+sd_notify READY/STATUS/STOPPING are accepted (Type=notify ends "success"); its journal
+entries carry the MESSAGE_IDs and fields; and the confirm unit's BOOTX64.CSV rewrite wakes
+the path unit for exactly one more, idle, update run -- no loop, and the path unit is
+still waiting (not failed) at the end.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from rhel_cvm_update import daemon
+
+pytestmark = [pytest.mark.swtpm, pytest.mark.root]
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEMD = "/lib/systemd/systemd"
+JOURNALD = "/lib/systemd/systemd-journald"
+CGROUP_ROOTS = ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified")
+JOURNALD_CONF = "[Journal]\nStorage=volatile\nReadKMsg=no\nForwardToSyslog=no\nForwardToWall=no\n"
+
+MANAGER_SCRIPT = r'''
+set -eu
+conf=$1; shift
+mount -t tmpfs none /run
+mkdir -p /run/systemd/system /run/log
+mount --bind "$conf" /etc/systemd/journald.conf
+env -u NOTIFY_SOCKET /lib/systemd/systemd-journald &
+i=0
+while [ ! -S /run/systemd/journal/socket ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+for cg in "$@"; do mkdir -p "$cg"; echo $$ > "$cg/cgroup.procs"; done
+exec /lib/systemd/systemd --user --log-level=info --log-target=journal
+'''
+
+DROPPED = re.compile(r"^(PrivateNetwork|IPAddressDeny|RestrictAddressFamilies|PrivateTmp|PrivateDevices|"
+                     r"DevicePolicy|DeviceAllow|ConditionPathIsDirectory|StateDirectory\w*|"
+                     r"ProtectKernelTunables|ProtectKernelLogs|ProtectHome)=")
+
+
+def unit_substitutions(unit_text: str, cvm, python: str) -> str:
+    """The shipped unit with the sandbox's paths (see the module docstring)."""
+    lines = []
+    for line in unit_text.splitlines():
+        if DROPPED.match(line):
+            continue
+        line = line.replace("/boot/efi", str(cvm.esp)).replace("/var/lib/rhel-cvm-update", str(cvm.state_dir))
+        line = line.replace("/sys/firmware/efi/efivars", str(cvm.efivars))
+        if line.startswith("ReadWritePaths="):
+            line += f" {cvm.root}"
+        line = re.sub(r"^ExecStart=/usr/bin/rhel-cvm-update ",
+                      f"ExecStart={python} -m rhel_cvm_update --config {cvm.config_path} ", line)
+        lines.append(line)
+        if line == "[Service]":
+            lines.append(f"Environment=PYTHONPATH={REPO}")
+            lines.append(f"WorkingDirectory={REPO}")
+    return "\n".join(lines) + "\n"
+
+
+class ScratchManager:
+    def __init__(self, work: Path):
+        self.work = work
+        self.runtime = work / "runtime"
+        self.config_home = work / "config"
+        self.units = self.config_home / "systemd" / "user"
+        self.cgroups = [f"{root}/rhel-cvm-update-test-{uuid.uuid4().hex[:8]}" for root in CGROUP_ROOTS
+                        if os.path.isdir(root)]
+        self.proc = None
+        self.log = None
+
+    def env(self):
+        return dict(os.environ, XDG_RUNTIME_DIR=str(self.runtime), XDG_CONFIG_HOME=str(self.config_home),
+                    HOME=str(self.work), SYSTEMD_LOG_TARGET="console")
+
+    def start(self):
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.runtime.mkdir(mode=0o700)
+        self.units.mkdir(parents=True)
+        conf = self.work / "journald.conf"
+        conf.write_text(JOURNALD_CONF)
+        env = {k: v for k, v in self.env().items() if k not in ("NOTIFY_SOCKET", "INVOCATION_ID", "JOURNAL_STREAM")}
+        self.log = open(self.work / "manager.log", "wb")
+        self.proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", MANAGER_SCRIPT, "sh",
+                                      str(conf), *self.cgroups], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while not (self.runtime / "systemd" / "private").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("systemd --user did not start: " + (self.work / "manager.log").read_text())
+            time.sleep(0.1)
+
+    def systemctl(self, *argv, check=True):
+        result = subprocess.run(["systemctl", "--user", "--no-pager", *argv], env=self.env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=120)
+        if check and result.returncode:
+            raise RuntimeError(f"systemctl {' '.join(argv)}: {result.stderr.decode()}")
+        return result.stdout.decode()
+
+    def show(self, unit, *props):
+        out = self.systemctl("show", unit, "-p", ",".join(props))
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def journal(self):
+        out = subprocess.run(["nsenter", "-t", str(self.proc.pid), "-m", "journalctl", "-D", "/run/log/journal",
+                              "-o", "json", "--no-pager"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             timeout=60).stdout.decode()
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.systemctl("exit", check=False)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.log is not None:
+            self.log.close()
+        for cgroup in self.cgroups:
+            for dirpath, _, _ in sorted(os.walk(cgroup), key=lambda w: -w[0].count("/")):
+                try:
+                    os.rmdir(dirpath)
+                except OSError:
+                    pass
+
+
+def wait_until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_path_unit_starts_the_service_once_per_change_and_never_loops(tmp_path):
+    for tool in (SYSTEMD, JOURNALD):
+        if not os.path.exists(tool):
+            pytest.skip(f"{tool} is not installed")
+    if not all(shutil.which(t) for t in ("unshare", "nsenter", "systemctl")) or not any(
+            os.path.isdir(r) for r in CGROUP_ROOTS):
+        pytest.skip("unshare, nsenter, systemctl or a cgroup hierarchy is missing")
+    sandbox = pytest.importorskip("tests.sandbox")
+    cvm = sandbox.Sandbox(tmp_path / "cvm")
+    manager = ScratchManager(tmp_path / "manager")
+    try:
+        try:
+            cvm.build()
+        except sandbox.SandboxUnavailable as e:
+            pytest.skip(str(e))
+        manager.start()
+        for name in ("rhel-cvm-update.path", "rhel-cvm-update.service", "rhel-cvm-update-confirm.service"):
+            text = unit_substitutions((REPO / "systemd" / name).read_text(), cvm, sys.executable)
+            (manager.units / name).write_text(text.replace("--settle 10", "--settle 1"))
+        manager.systemctl("daemon-reload")
+        manager.systemctl("start", "rhel-cvm-update.path")
+        assert manager.show("rhel-cvm-update.path", "SubState")["SubState"] == "waiting"
+
+        uki_b = cvm.install_uki("b")  # dnf drops the new kernel
+        service = "rhel-cvm-update.service"
+        wait_until(lambda: manager.show(service, "ActiveState")["ActiveState"] == "active", 30, "the service to start")
+        wait_until(lambda: manager.show(service, "ActiveState")["ActiveState"] == "inactive", 120, "the update to end")
+        first = manager.show(service, "Result", "ExecMainStatus", "InvocationID", "ExecMainPID")
+        assert (first["Result"], first["ExecMainStatus"]) == ("success", "0"), (manager.work / "manager.log").read_text()
+        time.sleep(3)  # long enough for a retrigger to show
+        assert manager.show(service, "InvocationID")["InvocationID"] == first["InvocationID"], "update retriggered itself"
+        assert manager.show("rhel-cvm-update.path", "SubState")["SubState"] == "waiting"
+
+        entries = [e for e in manager.journal() if e.get("SYSLOG_IDENTIFIER") == "rhel-cvm-update"]
+        staged = [e for e in entries if e.get("MESSAGE_ID") == daemon.OUTCOMES["staged"].message_id]
+        assert len(staged) == 1, json.dumps(entries, indent=1)
+        assert staged[0]["UKI"] == str(uki_b) and staged[0]["_TRANSPORT"] == "journal"
+        # journald cannot name the unit (the scratch manager's cgroup is not under user.slice);
+        # the entry's sender is the service's main process
+        assert staged[0]["_PID"] == first["ExecMainPID"]
+        expected = sandbox.captured_pcrs("sb-off-uki-b")
+        assert (staged[0]["PCR4"], staged[0]["PCR7"]) == (expected[4].hex(), expected[7].hex())
+
+        # SIMULATED FIRMWARE reboot into B, then the confirm unit (which rewrites BOOTX64.CSV
+        # in the watched shim directory)
+        cvm.simulate_reboot()
+        manager.systemctl("start", "rhel-cvm-update-confirm.service")
+        confirm = manager.show("rhel-cvm-update-confirm.service", "Result", "ExecMainStatus")
+        assert (confirm["Result"], confirm["ExecMainStatus"]) == ("success", "0")
+        wait_until(lambda: manager.show(service, "InvocationID")["InvocationID"] != first["InvocationID"], 30,
+                   "the CSV rewrite to wake the path unit")
+        wait_until(lambda: manager.show(service, "ActiveState")["ActiveState"] == "inactive", 120, "the idle update")
+        second = manager.show(service, "Result", "InvocationID")
+        assert second["Result"] == "success"
+        time.sleep(4)
+        assert manager.show(service, "InvocationID")["InvocationID"] == second["InvocationID"], "update loops"
+        assert manager.show("rhel-cvm-update.path", "SubState", "Result") == {"SubState": "waiting", "Result": "success"}
+
+        entries = [e for e in manager.journal() if e.get("SYSLOG_IDENTIFIER") == "rhel-cvm-update"]
+        outcomes = [(e["OUTCOME"], e.get("COMMAND")) for e in entries if "OUTCOME" in e]
+        assert outcomes == [("staged", None), ("confirmed", "confirm"), ("nothing-to-do", "update")], outcomes
+    finally:
+        manager.stop()
+        cvm.close()
