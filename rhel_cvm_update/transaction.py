@@ -49,6 +49,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from rhel_cvm_update.errors import CvmUpdateError, MachineError, PredictionError, TransactionError
+from rhel_cvm_update.trust import check_trusted_stat, ensure_trusted_dir
 
 JOURNAL_FILE = "journal.json"
 LOCK_FILE = "lock"
@@ -76,8 +77,9 @@ def _now() -> str:
 @contextlib.contextmanager
 def state_lock(state_dir: str, timeout: Optional[float] = None) -> Iterator[None]:
     """Exclusive flock on state_dir/lock.  ``timeout`` None: fail at once if held."""
+    # The journal decides which tokens and keyslots are retired: only root may write it.
+    ensure_trusted_dir(state_dir, "state directory")
     try:
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
         fd = os.open(os.path.join(state_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise MachineError(f"cannot open the lock in {state_dir}: {e.strerror}") from None
@@ -122,12 +124,13 @@ def read_json(path: str) -> Optional[Dict[str, Any]]:
     """A JSON object from a state file; None if absent.  Damage is a TransactionError."""
     try:
         with open(path, "rb") as f:
+            check_trusted_stat(os.fstat(f.fileno()), path, "state file")
             data = json.loads(f.read(1 << 22).decode("utf-8"))
     except FileNotFoundError:
         return None
     except OSError as e:
         raise MachineError(f"cannot read {path}: {e.strerror}") from None
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise TransactionError(f"{path} is damaged (not JSON: {e}); move it aside to start afresh") from None
     if not isinstance(data, dict):
         raise TransactionError(f"{path} is damaged (not a JSON object)")

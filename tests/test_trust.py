@@ -256,3 +256,25 @@ def test_deciding_modules_never_read_the_environment():
             if isinstance(node, ast.ImportFrom) and node.module == "os" and \
                     any(a.name in ("environ", "getenv") for a in node.names):
                 pytest.fail(f"{rel}:{node.lineno} imports os.{node.names[0].name}")
+
+
+def test_transaction_lock_refuses_a_writable_state_directory(tmp_path):
+    from rhel_cvm_update.transaction import state_lock
+
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chmod(state, 0o770)
+    with pytest.raises(ConfigError, match=f"state directory {state}.*writable by group"):
+        with state_lock(str(state)):
+            pass
+    assert not (state / "lock").exists()
+
+
+def test_journal_writable_by_others_is_refused(tmp_path):
+    from rhel_cvm_update.transaction import read_json
+
+    journal = write(tmp_path / "journal.json", '{"chains": {}}', mode=0o646)
+    with pytest.raises(ConfigError, match=f"state file {journal}.*writable by others"):
+        read_json(str(journal))
+    os.chmod(journal, 0o600)
+    assert read_json(str(journal)) == {"chains": {}}

@@ -140,7 +140,7 @@ class Cryptsetup:
         out = self._run(["token", "export", "--token-id", str(token_id), self.device]).stdout
         try:
             token = json.loads(out.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: absurd nesting
             raise MachineError(f"{self.device}: token {token_id} exported as invalid JSON: {e}") from None
         if not isinstance(token, dict):
             raise MachineError(f"{self.device}: token {token_id} exported as {type(token).__name__}")

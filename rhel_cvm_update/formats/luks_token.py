@@ -242,7 +242,8 @@ class LuksMetadata:
     def from_json_bytes(cls, data: bytes, source: str) -> "LuksMetadata":
         try:
             obj = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            # RecursionError: json nests one Python call per level ("[[[[..." thousands deep).
             raise FormatError(f"LUKS2 metadata is not JSON: {e}", source=source, field="json") from None
         if not isinstance(obj, dict):
             raise FormatError("LUKS2 metadata is not a JSON object", source=source, field="json")
