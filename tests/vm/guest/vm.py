@@ -239,6 +239,15 @@ class GuestVm:
     def check(self, argv: Sequence[str], **kwargs) -> RunResult:
         return self.run(argv, **kwargs).check()
 
+    def firmware_boots(self) -> int:
+        """How many times the firmware started a boot option, counted in the serial logs
+        (a kernel that panics and resets never talks to the agent but is counted here)."""
+        return sum(log.read_text(errors="replace").count("BdsDxe: starting Boot")
+                   for log in self.serial_logs if log.exists())
+
+    def serial_text(self) -> str:
+        return "".join(log.read_text(errors="replace") for log in self.serial_logs if log.exists())
+
     def serial_tail(self, lines: int = 40) -> str:
         if not self.serial_logs or not self.serial_logs[-1].exists():
             return "(no serial log)"
