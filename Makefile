@@ -8,9 +8,9 @@ PYTEST_ARGS ?=
 APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev cryptsetup-bin efibootmgr pesign sbsigntool \
 	osslsigncode ovmf qemu-system-x86 shim-signed shim-unsigned systemd-boot-efi mtools rpm rpmlint gdisk \
 	dosfstools busybox-static cpio build-essential pkg-config libsystemd-dev libgirepository1.0-dev \
-	libcairo2-dev xz-utils zstd efitools openssl binutils util-linux dnf dnf-plugins-core man-db groff-base bash-completion dbus
+	libcairo2-dev xz-utils zstd efitools openssl binutils util-linux dnf dnf-plugins-core man-db groff-base bash-completion dbus debootstrap qemu-utils
 
-.PHONY: setup apt venvs test test311 test39 bench clean demo rpm
+.PHONY: setup apt venvs test test311 test39 bench clean demo rpm vm-test
 setup: apt venvs
 
 apt:
@@ -41,6 +41,10 @@ test311: .venv/.installed
 # The VM tests boot real firmware and are the same on both Pythons; run them once (on 3.11).
 test39: .venv39/.installed
 	.venv39/bin/python -m pytest -q -m 'not vm' $(PYTEST_ARGS)
+
+# The end-to-end VM scenarios only (tests/vm/test_e2e_*.py; guest image cached under cache/guest/).
+vm-test: .venv/.installed
+	.venv/bin/python -m pytest -q -rs tests/vm/test_e2e_unlock.py tests/vm/test_e2e_scenarios.py $(PYTEST_ARGS)
 
 demo: apt .venv/.installed
 	.venv/bin/python demo/run.py
