@@ -223,3 +223,49 @@ def test_failure_after_unseal_leaks_nothing_into_the_exception(
         **files_under(tmp_path / "state"),
     })
     assert [c["argv"][0] for c in luks.calls].count("luksAddKey") == 2
+
+
+class RecordingJournal:
+    """Stands in for systemd.journal.send: every native entry the daemon would write."""
+
+    def __init__(self):
+        self.entries: List[bytes] = []
+
+    def send(self, message, **fields):
+        self.entries.append(repr((message, fields)).encode())
+
+
+def test_update_under_the_daemon_hooks_journals_no_secret(tmp_path):
+    """A full `update` with the service hooks (journal entries, sd_notify STATUS= lines) on the
+    sandbox CVM; after a simulated reboot into the staged chain both secrets are unsealed
+    and searched for in everything the service would have emitted and in the state dir."""
+    from rhel_cvm_update.daemon import DaemonHooks, JournalLog, Notifier
+    from rhel_cvm_update.transaction import run_update
+    from tests.sandbox import built_or_skip
+
+    cvm = built_or_skip(tmp_path / "cvm")
+    try:
+        journal = RecordingJournal()
+        log = JournalLog(sink="stderr", stream=open(os.devnull, "w"))
+        log.sink, log._journal_send = "journal", journal.send
+        notified: List[str] = []
+        luks = Cryptsetup(str(cvm.luks))
+        old_token = min(luks.metadata().systemd_tpm2_tokens())
+        old_secret = unseal_token(cvm.swtpm.tcti, luks, old_token)
+
+        cvm.install_uki("b")
+        result = run_update(cvm.config(), hooks=DaemonHooks(log=log, notifier=Notifier(notify=notified.append)))
+        added = [s for s in result.sealed if s["action"] == "added"]
+        assert result.outcome == "staged" and len(added) == 1
+        assert journal.entries and notified, "the hooks recorded nothing"
+        cvm.simulate_reboot()
+        new_secret = unseal_token(cvm.swtpm.tcti, luks, added[0]["token"])
+    finally:
+        cvm.close()
+    assert old_secret != new_secret
+    assert_absent(forms(old_secret) + forms(new_secret), {
+        "journal entries": b"\n".join(journal.entries),
+        "sd_notify messages": "\n".join(notified).encode(),
+        "update result": json.dumps(result.to_json()).encode(),
+        **files_under(cvm.state_dir),
+    })
