@@ -49,7 +49,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from rhel_cvm_update.errors import CvmUpdateError, MachineError, PredictionError, TransactionError
-from rhel_cvm_update.trust import check_trusted_stat, ensure_trusted_dir
+from rhel_cvm_update.trust import check_trusted_stat, ensure_trusted_dir, require_live_checked
 
 JOURNAL_FILE = "journal.json"
 LOCK_FILE = "lock"
@@ -437,6 +437,7 @@ def predict(machine: Machine, detected: Detected) -> List[Dict[str, Any]]:
     for item in detected.new:
         prediction = predict_next_boot(machine.config, item["uki"], tpm=machine.tpm, live=detected.live_banks,
                                        booted_shim=detected.booted_shim if detected.shim_changed else None)
+        require_live_checked(prediction)
         missing = [p for p in machine.config.pcrs if p not in prediction.pcrs]
         if missing:
             raise PredictionError(f"the prediction for {item['uki']} has no value for PCRs {missing}")

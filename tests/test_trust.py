@@ -214,7 +214,7 @@ def _calls(tree, name):
 def test_no_sealing_code_path_predicts_offline_or_from_given_pcrs():
     """Outside the display-only `predict` command nothing predicts offline, live PCR values
     handed to predict_next_boot are read from the TPM (read_live_pcrs) in the same module,
-    and reseal checks the result with require_live_checked before sealing to it."""
+    and every caller checks the result with require_live_checked before sealing to it."""
     callers = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = str(path.relative_to(PACKAGE))
@@ -235,7 +235,9 @@ def test_no_sealing_code_path_predicts_offline_or_from_given_pcrs():
                 names = {k.arg for k in call.keywords}
                 assert "offline" not in names, f"{rel}:{func.name} predicts offline"
                 assert "live" not in names or reads_tpm, f"{rel}:{func.name} passes live PCRs not read from the TPM"
-    assert list(_calls(callers["reseal.py:predict_target"], "require_live_checked"))
+    assert {"reseal.py:predict_target", "transaction.py:predict"} <= set(callers)
+    for name, func in callers.items():
+        assert list(_calls(func, "require_live_checked")), f"{name} seals a prediction without require_live_checked"
 
 
 # Modules that decide what goes into a Boot entry, a token or a prediction.
