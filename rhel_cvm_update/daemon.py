@@ -360,6 +360,9 @@ def signals_deferred() -> Iterator[None]:
 
 # --- the transaction's hooks ----------------------------------------------------------
 
+MAX_ROUNDS = 3
+
+
 class DaemonHooks:
     """What the update transaction calls at step boundaries and around critical work."""
 
@@ -370,6 +373,8 @@ class DaemonHooks:
         self._inhibitor_factory = inhibitor_factory if inhibitor_factory is not None else ShutdownInhibitor
         self._depth = 0
         self._inhibitor_unavailable = False
+        self._settled: Optional[Tuple[List[str], List[DirectoryState]]] = None
+        self._rounds = 0
         self.final_status = ""
 
     def step(self, name: str, detail: Any = "") -> None:
@@ -390,7 +395,22 @@ class DaemonHooks:
         if not result.quiet:
             self.log.send(f"{where} kept changing for {result.waited:.0f} s; going ahead anyway",
                           priority=LOG_WARNING, SETTLE_CHANGES=result.changes)
+        self._settled = (list(paths), [directory_state(p) for p in paths])
+        self._rounds += 1
         return result
+
+    def changed_since_settle(self) -> bool:
+        """Did the settled directories change while the update ran?  The path unit does not
+        watch while its service is active, so a file dnf writes then (a shim after the UKI)
+        would wait for the next change; the service runs another round instead, at most
+        MAX_ROUNDS per start (its own BOOTX64.CSV write costs one idle round)."""
+        if self._settled is None or self._rounds >= MAX_ROUNDS:
+            return False
+        paths, state = self._settled
+        if [directory_state(p) for p in paths] == state:
+            return False
+        self.log.send(f"{' and '.join(paths)} changed during the update; running it again", priority=LOG_INFO)
+        return True
 
     @contextlib.contextmanager
     def service(self, command: str) -> Iterator[None]:

@@ -304,3 +304,18 @@ def test_sigterm_outside_critical_sections_is_immediate(tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", code], timeout=60)
     assert proc.returncode == -signal.SIGTERM
+
+
+def test_changes_after_the_settle_ask_for_another_round_a_bounded_number_of_times(tmp_path):
+    hooks = daemon.DaemonHooks(log=daemon.JournalLog(sink="stderr", stream=io.StringIO()),
+                               notifier=daemon.Notifier(notify=lambda s: None), inhibitor_factory=RecordingInhibitor)
+    assert not hooks.changed_since_settle()  # never settled: nothing to compare
+    hooks.wait_for_quiet([str(tmp_path)], 0.05)
+    assert not hooks.changed_since_settle()
+    (tmp_path / "shimx64.efi").write_bytes(b"new shim")
+    assert hooks.changed_since_settle()
+    for round_number in range(2, daemon.MAX_ROUNDS + 1):
+        hooks.wait_for_quiet([str(tmp_path)], 0.05)
+        (tmp_path / ("f%d" % round_number)).write_bytes(b"x")
+        # the last allowed round ends the run even though the directory changed again
+        assert hooks.changed_since_settle() == (round_number < daemon.MAX_ROUNDS)

@@ -60,15 +60,19 @@ def run(args, config) -> int:
 
     hooks = service_hooks()
     with service_session(hooks, "update"):  # READY=1, "failed" journal entry, STOPPING=1
-        if args.settle:
-            paths = [config.uki_dir, os.path.dirname(shim_path(config))]
+        while True:
+            if args.settle:
+                paths = [config.uki_dir, os.path.dirname(shim_path(config))]
+                if hooks is not None:
+                    hooks.wait_for_quiet(paths, args.settle)
+                else:
+                    settle(paths, args.settle)
+            result = run_update(config, hooks=hooks, lock_timeout=None if args.no_wait else LOCK_WAIT_SECONDS)
             if hooks is not None:
-                hooks.wait_for_quiet(paths, args.settle)
-            else:
-                settle(paths, args.settle)
-        result = run_update(config, hooks=hooks, lock_timeout=None if args.no_wait else LOCK_WAIT_SECONDS)
-        if hooks is not None:
-            hooks.report_update(result)
+                hooks.report_update(result)
+            # the path unit misses changes made while its service runs: look again (bounded)
+            if hooks is None or not args.settle or not hooks.changed_since_settle():
+                break
     if args.json:
         print_json(result.to_json())
     else:

@@ -224,3 +224,65 @@ def test_path_unit_starts_the_service_once_per_change_and_never_loops(tmp_path):
     finally:
         manager.stop()
         cvm.close()
+
+
+@pytest.mark.parametrize("back_off", [True, False])
+def test_a_failing_service_under_a_storm_of_changes_does_not_wedge_the_path_unit(tmp_path, back_off):
+    """A broken config makes every run fail at once while files keep changing in the watched
+    shim directory.  As shipped (the service's ExecStopPost= back-off holds a failed run for
+    10 s) the path unit keeps waiting and, once the config is fixed, the next kernel drop is
+    handled.  The control run without the back-off shows what it prevents: the path unit's
+    trigger limit trips and it fails and stops watching."""
+    for tool in (SYSTEMD, JOURNALD):
+        if not os.path.exists(tool):
+            pytest.skip(f"{tool} is not installed")
+    if not all(shutil.which(t) for t in ("unshare", "nsenter", "systemctl")) or not any(
+            os.path.isdir(r) for r in CGROUP_ROOTS):
+        pytest.skip("unshare, nsenter, systemctl or a cgroup hierarchy is missing")
+    sandbox = pytest.importorskip("tests.sandbox")
+    cvm = sandbox.Sandbox(tmp_path / "cvm")
+    manager = ScratchManager(tmp_path / "manager")
+    try:
+        try:
+            cvm.build()
+        except sandbox.SandboxUnavailable as e:
+            pytest.skip(str(e))
+        live_config = cvm.root / "live-config.yaml"
+        live_config.write_text("bogus_key: 1\n")
+        manager.start()
+        for name in ("rhel-cvm-update.path", "rhel-cvm-update.service"):
+            text = unit_substitutions((REPO / "systemd" / name).read_text(), cvm, sys.executable)
+            text = text.replace(str(cvm.config_path), str(live_config)).replace("--settle 10", "--settle 1")
+            if not back_off:
+                text = re.sub(r"^ExecStopPost=.*\n", "", text, flags=re.M)
+            (manager.units / name).write_text(text)
+        manager.systemctl("daemon-reload")
+        manager.systemctl("start", "rhel-cvm-update.path")
+        service = "rhel-cvm-update.service"
+        shim_dir = cvm.shim.parent
+        for i in range(40):
+            (shim_dir / f"storm-{i}.txt").write_text("x")
+            time.sleep(0.35)
+        time.sleep(2)
+        failed = manager.show(service, "Result")["Result"]
+        path_state = manager.show("rhel-cvm-update.path", "ActiveState", "Result")
+        failures = sum("unknown key" in (e.get("MESSAGE") or "") for e in manager.journal())
+        if not back_off:
+            assert path_state == {"ActiveState": "failed", "Result": "trigger-limit-hit"}, (path_state, failures)
+            return
+        assert failed == "exit-code" and 1 <= failures <= 3, failures
+        assert path_state == {"ActiveState": "active", "Result": "success"}, path_state
+        # changes made while a run (or its back-off) is active are not seen: wait it out
+        wait_until(lambda: manager.show(service, "ActiveState")["ActiveState"] in ("inactive", "failed"), 60,
+                   "the back-off to end")
+        before = manager.show(service, "InvocationID")["InvocationID"]
+        shutil.copyfile(cvm.config_path, live_config)
+        cvm.install_uki("b")
+        wait_until(lambda: manager.show(service, "InvocationID")["InvocationID"] != before, 30, "a new run")
+        wait_until(lambda: manager.show(service, "ActiveState")["ActiveState"] in ("inactive", "failed"), 120,
+                   "the update to end")
+        assert manager.show(service, "Result", "StatusText")["Result"] == "success"
+        assert "staged" in json.loads((cvm.state_dir / "last-result.json").read_text())["outcome"]
+    finally:
+        manager.stop()
+        cvm.close()
