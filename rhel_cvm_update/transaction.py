@@ -138,13 +138,14 @@ def read_json(path: str) -> Optional[Dict[str, Any]]:
 
 
 def empty_journal() -> Dict[str, Any]:
-    return {"version": JOURNAL_VERSION, "chains": {}, "pending": None, "trial_failed": None, "live": None}
+    return {"version": JOURNAL_VERSION, "chains": {}, "pending": None, "trial_failed": None, "live": None,
+            "serial": 0}
 
 
 CHAIN_STATUSES = LIVE_CHAIN_STATUSES + ("retired",)
 _CHAIN_FIELDS = (("uki", (str, type(None))), ("esp_path", (str, type(None))), ("uki_digest", str),
                  ("shim_digest", str), ("pcrs", dict), ("policy_hash", str), ("token", int), ("keyslot", int),
-                 ("entry", (int, type(None))), ("status", str))
+                 ("entry", (int, type(None))), ("status", str), ("serial", int))
 
 
 def read_journal(state_dir: str) -> Dict[str, Any]:
@@ -183,6 +184,11 @@ class Journal:
     @property
     def pending(self) -> Optional[Dict[str, Any]]:
         return self.data.get("pending")
+
+    def next_serial(self) -> int:
+        """Orders chains by when they were sealed or last confirmed (timestamps tie)."""
+        self.data["serial"] = self.data.get("serial", 0) + 1
+        return self.data["serial"]
 
     def save(self) -> None:
         write_json_atomically(self.path, self.data)
@@ -375,7 +381,8 @@ def detect(machine: Machine, journal: Journal) -> Detected:
                     "uki_digest": applications[1], "shim_digest": applications[0],
                     "pcrs": {str(p): v.hex() for p, v in sorted(live.items())}, "policy_hash": policy.hex(),
                     "source": "live", "token": token_id, "keyslot": token.keyslot, "entry": boot_current,
-                    "status": "booted", "adopted": True, "created": _now(), "confirmed": _now()}
+                    "status": "booted", "adopted": True, "created": _now(), "confirmed": _now(),
+                    "serial": journal.next_serial()}
                 notes.append(f"adopted token {token_id} (keyslot {token.keyslot}): sealed to the booted chain")
                 break
 
@@ -484,6 +491,7 @@ def seal(machine: Machine, journal: Journal, detected: Detected,
             "source": item["source"], "token": result["token"], "keyslot": result["keyslot"],
             "entry": detected.boot_current if item["uki"] == detected.booted_uki else None,
             "status": "sealed", "adopted": False, "created": _now(), "confirmed": None,
+            "serial": journal.next_serial(),
             "mtime": item["mtime"]}
         journal.pending["reserved"] = None
         journal.save()
@@ -656,9 +664,9 @@ def run_update(config, *, hooks=None, lock_timeout: Optional[float] = None) -> U
 
 
 def _retire_candidates(config, journal: Journal, booted_key: str, shim_digest: str) -> Tuple[List[str], List[str]]:
-    """(kept, doomed): the booted chain plus the keep_previous most recent others that can
-    still boot (same shim as on the ESP now) are kept."""
-    others = [(c.get("confirmed") or c.get("created") or "", key) for key, c in journal.chains.items()
+    """(kept, doomed): the booted chain plus the keep_previous most recently sealed or
+    confirmed others that can still boot (same shim as on the ESP now) are kept."""
+    others = [(c["serial"], key) for key, c in journal.chains.items()
               if key != booted_key and c["status"] in LIVE_CHAIN_STATUSES]
     others.sort(reverse=True)
     bootable = [key for _, key in others if journal.chains[key]["shim_digest"] == shim_digest]
@@ -704,7 +712,7 @@ def confirm(machine: Machine, journal: Journal, detected: Detected) -> Tuple[str
     for other in journal.chains.values():
         if other["status"] == "booted":
             other["status"] = "previous"
-    chain.update(status="booted", confirmed=_now())
+    chain.update(status="booted", confirmed=_now(), serial=journal.next_serial())
     journal.data["trial_failed"] = None
     _, doomed = _retire_candidates(config, journal, booted, detected.shim_digest)
     journal.pending["doomed"] = sorted(set(journal.pending.get("doomed", [])) | set(doomed))

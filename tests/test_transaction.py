@@ -289,6 +289,8 @@ def test_fifty_update_cycles_stay_bounded(sandbox):
         tokens = cvm.luks_json()["tokens"]
         managed = [e for e in efibootmgr(cvm).splitlines() if "RHEL CVM UKI" in e]
         assert len(owners) <= 3 and len(tokens) <= 2 and len(managed) <= 2, (cycle, owners, managed)
+        # keep_previous 1: exactly the booted chain and the one booted before it.
+        assert set(tokens_by_uki(cvm)) == {f"uki-{installed[-2]}.efi", f"uki-{name}.efi"}, cycle
         if cycle % 10 == 9:
             assert cvm.unlocking_tokens() == [tokens_by_uki(cvm)[f"uki-{name}.efi"]]
     assert cvm.recovery_unlocks()
@@ -418,3 +420,30 @@ def test_settle_waits_for_a_quiet_directory_then_updates(sandbox):
     settled = cli(cvm, "update", "--settle", "0.3", "--json")
     assert settled.returncode == 0, settled.stderr
     assert json.loads(settled.stdout)["outcome"] == "staged"
+
+
+def test_erasing_a_kept_kernel_removes_its_boot_entry_token_and_keyslot(sandbox):
+    cvm = sandbox
+    for name in ("b", "c"):
+        cvm.install_uki(name)
+        run_update(cvm.config())
+        cvm.simulate_reboot()
+        assert run_confirm(cvm.config()).outcome == "confirmed"
+    tokens = tokens_by_uki(cvm)
+    assert set(tokens) == {"uki-b.efi", "uki-c.efi"}  # A retired: keep_previous is 1
+    b_entries = [line.split()[0] for line in efibootmgr(cvm).splitlines() if "uki-b.efi" in line.replace(".", "")
+                 or "u.k.i.-.b" in line]
+    assert len(b_entries) == 1
+    cvm.remove_uki("b")
+    result = run_update(cvm.config())
+    assert result.outcome == "removed"
+    assert result.removed == [{"uki": str(cvm.uki_dir / "uki-b.efi"), "token": tokens["uki-b.efi"],
+                               "keyslot": result.removed[0]["keyslot"], "entries": [b_entries[0].rstrip("*")]}]
+    listing = efibootmgr(cvm)
+    assert b_entries[0].rstrip("*") not in listing
+    order = [line for line in listing.splitlines() if line.startswith("BootOrder:")][0]
+    assert b_entries[0][4:8] not in order
+    assert set(keyslot_owners(cvm).values()) == {None, tokens["uki-c.efi"]}
+    csv = (cvm.esp / "EFI" / "redhat" / "BOOTX64.CSV").read_bytes().decode("utf-16")
+    assert "uki-c.efi" in csv and "uki-b.efi" not in csv
+    assert cvm.unlocking_tokens() == [tokens["uki-c.efi"]]
