@@ -447,3 +447,22 @@ def test_erasing_a_kept_kernel_removes_its_boot_entry_token_and_keyslot(sandbox)
     csv = (cvm.esp / "EFI" / "redhat" / "BOOTX64.CSV").read_bytes().decode("utf-16")
     assert "uki-c.efi" in csv and "uki-b.efi" not in csv
     assert cvm.unlocking_tokens() == [tokens["uki-c.efi"]]
+
+
+@pytest.mark.parametrize("keep_previous", [0, 2])
+def test_keep_previous_chains_survive_confirmation(tmp_path, keep_previous):
+    cvm = built_or_skip(tmp_path / "cvm", keep_previous=keep_previous)
+    try:
+        booted = ["a"]
+        for name in ("k1", "k2", "k3", "k4"):
+            cvm.install_uki(name)
+            run_update(cvm.config())
+            cvm.simulate_reboot()
+            assert run_confirm(cvm.config()).outcome == "confirmed"
+            booted.append(name)
+            kept = {f"uki-{n}.efi" for n in booted[-(keep_previous + 1):]}
+            assert set(tokens_by_uki(cvm)) == kept, name
+            assert len(cvm.luks_json()["tokens"]) == len(kept)
+        assert cvm.unlocking_tokens() == [tokens_by_uki(cvm)["uki-k4.efi"]]
+    finally:
+        cvm.close()
