@@ -55,18 +55,20 @@ def _boot_state(config) -> Dict[str, Any]:
             "boot_order": [name(n) for n in state.boot_order], "entries": entries}
 
 
-def _luks_header(config) -> Dict[str, Any]:
-    import json
+def _luks_header(config):
+    """The header's keyslots and tokens, checked by the same parser the transaction uses
+    (a hostile header is a FormatError naming the field, not a crash)."""
     import subprocess
 
     from rhel_cvm_update.adapters.cryptsetup import resolve_device
+    from rhel_cvm_update.formats.luks_token import LuksMetadata
 
     device = resolve_device(config.luks_device)
     result = subprocess.run(["cryptsetup", "luksDump", "--dump-json-metadata", device], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, timeout=30)
     if result.returncode:
         raise CvmUpdateError(f"cannot read the LUKS2 header of {device}: {result.stderr.decode().strip()}")
-    return dict(json.loads(result.stdout), device=device)
+    return LuksMetadata.from_json_bytes(result.stdout, source=device)
 
 
 def _host_path(config, efi_path: Optional[str]) -> Optional[str]:
@@ -135,15 +137,13 @@ def collect_status(config) -> Dict[str, Any]:
     header_tokens: Dict[int, Dict[str, Any]] = {}
     try:
         header = _luks_header(config)
-        header_tokens = {int(t): v for t, v in header.get("tokens", {}).items()}
-    except (CvmUpdateError, OSError, ValueError) as e:
+        header_tokens = header.tokens
+    except (CvmUpdateError, OSError) as e:
         header = None
         errors.append(str(e))
     by_token = {c["token"]: c for c in chains.values() if c["status"] in LIVE_CHAIN_STATUSES}
-    referenced = set()
     for token_id, token in sorted(header_tokens.items()):
-        slots = [int(s) for s in token.get("keyslots", [])]
-        referenced.update(slots)
+        slots = [int(s) for s in token["keyslots"]]
         chain = by_token.get(token_id)
         policy = token.get("tpm2-policy-hash")
         accounted = chain is not None and chain["policy_hash"] == policy
@@ -158,7 +158,7 @@ def collect_status(config) -> Dict[str, Any]:
         if not accounted:
             unaccounted.append(f"token {token_id} ({token.get('type')}, keyslots {slots}): not this tool's, kept")
     if header is not None:
-        for slot in sorted(int(s) for s in header.get("keyslots", {})):
+        for slot in sorted(header.keyslots):
             owner = next((t["token"] for t in tokens if slot in t["keyslots"]), None)
             keyslots.append({"keyslot": slot, "token": owner})
             if owner is None:
@@ -183,6 +183,8 @@ def collect_status(config) -> Dict[str, Any]:
         why = (f"token {next_chain['token']} is sealed to its predicted PCRs" if will_unlock
                else f"its token {next_chain['token']} is missing from the header")
         uki_file = next_chain.get("uki")
+        if will_unlock and uki_file and not os.path.exists(uki_file):
+            will_unlock, why = False, f"{uki_file} is gone: the firmware will skip the entry"
         if will_unlock and next_chain.get("mtime") and uki_file and os.path.exists(uki_file) \
                 and os.stat(uki_file).st_mtime != next_chain["mtime"]:
             will_unlock, why = False, f"{uki_file} changed since it was sealed"

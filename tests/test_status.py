@@ -74,3 +74,22 @@ def test_live_pcrs_prefer_sysfs_then_log_then_journal(sandbox, tmp_path):
     assert live_pcrs(config, journal, str(tmp_path / "absent")) == (
         {4: b"\x11" * 32, 7: b"\x22" * 32}, "recorded 2026-01-01T00:00:00Z")
     assert live_pcrs(config, {}, str(tmp_path / "absent")) == (None, "unknown")
+
+
+def test_ambiguous_header_is_reported_not_crashed_on(sandbox):
+    """A second systemd-tpm2 token on systemd-cryptenroll's keyslot: retiring either would
+    kill the other's keyslot, so status reports an error and update refuses to touch it."""
+    from tests.swtpm_fixtures import header_bytes, import_token_raw
+
+    cvm = sandbox
+    token = cvm.luks_json()["tokens"]["0"]
+    import_token_raw(str(cvm.luks), token, 5)
+    code, document = status(cvm.config_path, "--json")
+    assert code == 2 and any("ambiguous" in e for e in document["errors"])
+    assert document["booted"]["entry"] == "Boot0007"  # what it could read is still there
+    cvm.install_uki("b")
+    header = header_bytes(str(cvm.luks))
+    update = subprocess.run([sys.executable, "-m", "rhel_cvm_update", "--config", str(cvm.config_path), "update"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert update.returncode == 2 and "ambiguous" in update.stderr
+    assert header_bytes(str(cvm.luks)) == header
