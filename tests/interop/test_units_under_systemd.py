@@ -7,7 +7,10 @@ ProtectControlGroups=, would otherwise put an empty tmpfs over a /run that is no
 point and hide the journal socket), the system/ marker directory the manager looks for,
 and its own systemd-journald.  The manager starts services exactly as PID 1 would: it sets
 $NOTIFY_SOCKET, $INVOCATION_ID and $JOURNAL_STREAM, connects stdout/stderr to the journal,
-applies the sandboxing it can, follows PathChanged= and the trigger limits.
+applies the sandboxing it can, follows PathChanged= and the trigger limits.  The first
+test also runs the system's dbus-daemon (its own configuration, on the namespace's
+/run/dbus/system_bus_socket) and systemd-logind, so the service's shutdown inhibitor is
+taken from the real logind over the system bus.
 
 The units are the shipped files with only these substitutions (UNIT_SUBSTITUTIONS):
 /boot/efi and the state directory become the sandbox's; ExecStart= runs this checkout
@@ -45,18 +48,26 @@ pytestmark = [pytest.mark.swtpm, pytest.mark.root]
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = "/lib/systemd/systemd"
 JOURNALD = "/lib/systemd/systemd-journald"
+LOGIND = "/lib/systemd/systemd-logind"
 CGROUP_ROOTS = ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified")
 JOURNALD_CONF = "[Journal]\nStorage=volatile\nReadKMsg=no\nForwardToSyslog=no\nForwardToWall=no\n"
 
 MANAGER_SCRIPT = r'''
 set -eu
-conf=$1; shift
+conf=$1; with_logind=$2; shift 2
 mount -t tmpfs none /run
 mkdir -p /run/systemd/system /run/log
 mount --bind "$conf" /etc/systemd/journald.conf
 env -u NOTIFY_SOCKET /lib/systemd/systemd-journald &
 i=0
 while [ ! -S /run/systemd/journal/socket ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+if [ "$with_logind" = yes ]; then
+  mkdir -p /run/dbus
+  dbus-daemon --system --nofork --nopidfile --nosyslog &
+  i=0
+  while [ ! -S /run/dbus/system_bus_socket ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+  env -u NOTIFY_SOCKET SYSTEMD_LOG_LEVEL=debug SYSTEMD_LOG_TARGET=journal /lib/systemd/systemd-logind &
+fi
 for cg in "$@"; do mkdir -p "$cg"; echo $$ > "$cg/cgroup.procs"; done
 exec /lib/systemd/systemd --user --log-level=info --log-target=journal
 '''
@@ -86,8 +97,9 @@ def unit_substitutions(unit_text: str, cvm, python: str) -> str:
 
 
 class ScratchManager:
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, with_logind: bool = False):
         self.work = work
+        self.with_logind = with_logind
         self.runtime = work / "runtime"
         self.config_home = work / "config"
         self.units = self.config_home / "systemd" / "user"
@@ -109,7 +121,7 @@ class ScratchManager:
         env = {k: v for k, v in self.env().items() if k not in ("NOTIFY_SOCKET", "INVOCATION_ID", "JOURNAL_STREAM")}
         self.log = open(self.work / "manager.log", "wb")
         self.proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", MANAGER_SCRIPT, "sh",
-                                      str(conf), *self.cgroups], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+                                      str(conf), "yes" if self.with_logind else "no", *self.cgroups], env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while not (self.runtime / "systemd" / "private").exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -167,9 +179,11 @@ def test_path_unit_starts_the_service_once_per_change_and_never_loops(tmp_path):
     if not all(shutil.which(t) for t in ("unshare", "nsenter", "systemctl")) or not any(
             os.path.isdir(r) for r in CGROUP_ROOTS):
         pytest.skip("unshare, nsenter, systemctl or a cgroup hierarchy is missing")
+    if not os.path.exists(LOGIND) or shutil.which("dbus-daemon") is None:
+        pytest.skip("systemd-logind or dbus-daemon is not installed")
     sandbox = pytest.importorskip("tests.sandbox")
     cvm = sandbox.Sandbox(tmp_path / "cvm")
-    manager = ScratchManager(tmp_path / "manager")
+    manager = ScratchManager(tmp_path / "manager", with_logind=True)
     try:
         try:
             cvm.build()
@@ -200,6 +214,14 @@ def test_path_unit_starts_the_service_once_per_change_and_never_loops(tmp_path):
         # journald cannot name the unit (the scratch manager's cgroup is not under user.slice);
         # the entry's sender is the service's main process
         assert staged[0]["_PID"] == first["ExecMainPID"]
+        # the real logind on the namespace's system bus held our block inhibitor while sealing
+        # (logind logs inhibitors at debug level)
+        logind = [e.get("MESSAGE") for e in manager.journal() if e.get("SYSLOG_IDENTIFIER") == "systemd-logind"]
+        held = (f"Inhibitor rhel-cvm-update (sealing the disk key for the new kernel) pid={first['ExecMainPID']} "
+                "uid=0 mode=block ")
+        assert held + "started." in logind and held + "stopped." in logind, logind
+        assert not [e for e in entries if "shutdown not inhibited" in e.get("MESSAGE", "")]
+        assert [e for e in entries if e.get("MESSAGE") == "shutdown inhibited while sealing"]
         expected = sandbox.captured_pcrs("sb-off-uki-b")
         assert (staged[0]["PCR4"], staged[0]["PCR7"]) == (expected[4].hex(), expected[7].hex())
 
