@@ -308,3 +308,42 @@ def test_a_failing_service_under_a_storm_of_changes_does_not_wedge_the_path_unit
     finally:
         manager.stop()
         cvm.close()
+
+
+def test_stopping_the_service_is_not_delayed_by_the_failure_back_off(tmp_path):
+    """`systemctl stop` (as at shutdown) while the service settles: SIGTERM ends it at once
+    (it is outside any critical section) and the back-off does not run."""
+    for tool in (SYSTEMD, JOURNALD):
+        if not os.path.exists(tool):
+            pytest.skip(f"{tool} is not installed")
+    if not all(shutil.which(t) for t in ("unshare", "nsenter", "systemctl")) or not any(
+            os.path.isdir(r) for r in CGROUP_ROOTS):
+        pytest.skip("unshare, nsenter, systemctl or a cgroup hierarchy is missing")
+    sandbox = pytest.importorskip("tests.sandbox")
+    cvm = sandbox.Sandbox(tmp_path / "cvm")
+    manager = ScratchManager(tmp_path / "manager")
+    try:
+        try:
+            cvm.build()
+        except sandbox.SandboxUnavailable as e:
+            pytest.skip(str(e))
+        manager.start()
+        for name in ("rhel-cvm-update.path", "rhel-cvm-update.service"):
+            text = unit_substitutions((REPO / "systemd" / name).read_text(), cvm, sys.executable)
+            (manager.units / name).write_text(text.replace("--settle 10", "--settle 60"))
+        manager.systemctl("daemon-reload")
+        manager.systemctl("start", "rhel-cvm-update.path")
+        service = "rhel-cvm-update.service"
+        cvm.install_uki("b")
+        wait_until(lambda: manager.show(service, "StatusText")["StatusText"].startswith("waiting until"), 30,
+                   "the service to settle")
+        started = time.monotonic()
+        manager.systemctl("stop", service)
+        assert time.monotonic() - started < 8
+        assert manager.show(service, "ActiveState")["ActiveState"] == "inactive"
+        assert manager.show("rhel-cvm-update.path", "ActiveState")["ActiveState"] == "active"
+        # nothing was sealed: the run was stopped before its transaction began
+        assert set(cvm.luks_json()["tokens"]) == {"0"}
+    finally:
+        manager.stop()
+        cvm.close()
