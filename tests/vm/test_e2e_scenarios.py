@@ -98,11 +98,11 @@ def test_4_kernel_removal(update_machine, e2e_table):  # noqa: F811
     machine.wait_for("the path unit to remove uki-a's chain",
                      lambda: all(not c["uki"].endswith("uki-a.efi") for c in machine.status()["chains"]))
     machine.wait_update_idle()
-    facts = machine.efibootmgr()
-    assert old_entry not in facts["entries"], facts
-    assert facts["BootCurrent"] == new_entry and facts["BootOrder"][0] == new_entry
     tokens = machine.luks_tokens()
-    assert len(tokens) == len(tokens_before) - 1
+    assert len(tokens) == len(tokens_before) - 1, "uki-a's token is still there: %r" % tokens
+    facts = machine.efibootmgr()
+    assert old_entry not in facts["entries"], "Boot%s (uki-a) is still there: %r" % (old_entry, facts)
+    assert facts["BootCurrent"] == new_entry and facts["BootOrder"][0] == new_entry
     status = machine.status()
     assert status["exit_code"] == 0, status["attention"]
     booted_tokens = [t for t in status["tokens"] if t["matches_current_boot"]]
