@@ -12,8 +12,11 @@ from rhel_cvm_update.formats.pe import HASH_ALGORITHMS
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("tpm2_pytss", "pyudev", "gi", "pydbus", "systemd", "cryptography")
+# Also the PE code and the secrets module (ctypes, libc): status reads the ESP and the LUKS2
+# header through the adapters without needing either at import time.
 PREDICTION_STACK = ("rhel_cvm_update.measure", "rhel_cvm_update.predict_log", "rhel_cvm_update.predict_model",
-                    "rhel_cvm_update.signers", "rhel_cvm_update.formats.uki")
+                    "rhel_cvm_update.signers", "rhel_cvm_update.formats.uki", "rhel_cvm_update.formats.pe",
+                    "rhel_cvm_update.secrets")
 
 PROBE = """
 import json, sys
@@ -21,6 +24,9 @@ from rhel_cvm_update.cli import build_parser
 build_parser()
 import rhel_cvm_update.status, rhel_cvm_update.commands.status, rhel_cvm_update.config
 from rhel_cvm_update.predict import read_event_log, shim_path, booted_chain
+from rhel_cvm_update.adapters.esp import Esp
+from rhel_cvm_update.adapters.cryptsetup import resolve_device
+from rhel_cvm_update.bootmgr import BootManager
 print(json.dumps(sorted(sys.modules)))
 """
 

@@ -10,11 +10,13 @@ import json
 import logging
 import os
 import subprocess
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence
 
 from rhel_cvm_update.errors import ExternalToolError, MachineError
 from rhel_cvm_update.formats.luks_token import LuksMetadata, check_luks2_magic
-from rhel_cvm_update.secrets import Secret
+
+if TYPE_CHECKING:  # only annotations here; importing secrets loads libc through ctypes
+    from rhel_cvm_update.secrets import Secret
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ class Cryptsetup:
         out = self._run(["luksDump", "--dump-json-metadata", self.device]).stdout
         return LuksMetadata.from_json_bytes(out, source=self.device)
 
-    def add_keyslot(self, existing: Secret, new: Secret, slot: int) -> None:
+    def add_keyslot(self, existing: "Secret", new: "Secret", slot: int) -> None:
         """luksAddKey with systemd's minimal PBKDF, unlocking with ``existing``."""
         existing_fd = _pipe_with(existing.data)
         try:
@@ -119,7 +121,7 @@ class Cryptsetup:
         finally:
             os.close(existing_fd)
 
-    def test_key(self, key: Secret, keyslot: Optional[int] = None) -> bool:
+    def test_key(self, key: "Secret", keyslot: Optional[int] = None) -> bool:
         """Does ``key`` open the volume (or that keyslot)?  Activates nothing."""
         key_fd = _pipe_with(key.data)
         try:

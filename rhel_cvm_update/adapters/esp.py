@@ -22,7 +22,6 @@ from rhel_cvm_update.formats.bootcsv import BootCsvEntry, boot_csv_bytes, parse_
 from rhel_cvm_update.formats.devpath import HardDriveNode
 from rhel_cvm_update.formats.gpt import (GPT_SIGNATURE, GptHeader, GptPartition,
                                          parse_partition_entries)
-from rhel_cvm_update.formats.uki import UKI
 
 SECTOR_SIZES = (512, 4096)
 BOOT_CSV_NAME = "BOOTX64.CSV"
@@ -166,6 +165,9 @@ class Esp:
         return found
 
     def read_uki(self, path: str) -> UkiFile:
+        # The PE code is imported here: `status` uses the ESP without reading UKIs.
+        from rhel_cvm_update.formats.uki import UKI
+
         efi_path = self.efi_path(path)
         version: Optional[str] = None
         problem: Optional[str] = None
