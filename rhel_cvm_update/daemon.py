@@ -325,16 +325,6 @@ DEFERRED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @contextlib.contextmanager
-def service_session(hooks: Optional["DaemonHooks"], command: str) -> Iterator[None]:
-    """``hooks.service(command)`` when running as a service, nothing otherwise."""
-    if hooks is None:
-        yield
-        return
-    with hooks.service(command):
-        yield
-
-
-@contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """Hold SIGTERM/SIGINT/SIGHUP until the block ends, then die of the first one as if
     it had arrived then.  systemd stops the service with SIGTERM (then SIGKILL after
@@ -484,3 +474,13 @@ class DaemonHooks:
                     inhibitor.release()
         finally:
             self._depth = 0
+
+
+@contextlib.contextmanager
+def service_session(hooks: Optional["DaemonHooks"], command: str) -> Iterator[None]:
+    """``hooks.service(command)`` when running as a service, nothing otherwise."""
+    if hooks is None:
+        yield
+        return
+    with hooks.service(command):
+        yield
