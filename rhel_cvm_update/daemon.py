@@ -30,6 +30,7 @@ a84bd4574226443dba8ee0f494078959  removed        a retired chain lost its entry/
 592848afecfe4809b0ad41482483a88b  failed         an error stopped the transaction
 ================================  =============  ==========================================
 
+systemd/rhel-cvm-update.catalog explains each of them in ``journalctl -x``.
 Structured fields carry what an admin greps for: UKI, SHIM, PCR4/PCR7 (hex), TOKEN_ID,
 KEYSLOT, BOOT_ENTRY (``Boot0003``), STEP, SOURCE, REASON.
 """

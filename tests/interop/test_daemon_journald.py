@@ -10,6 +10,7 @@ AF_UNIX socket.
 """
 
 import json
+import re
 import os
 import shutil
 import socket
@@ -238,3 +239,46 @@ def test_a_failed_update_is_one_failed_entry_and_a_nonzero_exit(tmp_path, notify
     notes = drain(sock)
     assert notes[0] == "READY=1\nSTATUS=update: started"
     assert notes[-1].startswith("STOPPING=1\nSTATUS=update failed: ")
+
+
+# Our catalog alone in a private /usr/lib/systemd/catalog; the compiled database in a tmpfs.
+CATALOG_SCRIPT = r'''
+set -eu
+catalog=$1; source_dir=$2; shift 2
+mkdir -p "$source_dir"
+cp "$catalog" "$source_dir/"
+mount --bind "$source_dir" /usr/lib/systemd/catalog
+mkdir -p /var/lib/systemd/catalog
+mount -t tmpfs none /var/lib/systemd/catalog
+journalctl --update-catalog
+exec "$@"
+'''
+
+
+def test_catalog_explains_each_outcome_with_the_entry_fields(tmp_path):
+    """systemd/rhel-cvm-update.catalog compiled by journalctl --update-catalog: `journalctl -x`
+    prints each outcome's explanation with the entry's own fields filled in, and the
+    catalog covers exactly the MESSAGE_IDs of daemon.OUTCOMES."""
+    catalog = Path(__file__).resolve().parents[2] / "systemd" / "rhel-cvm-update.catalog"
+    ids = set(re.findall(r"^-- ([0-9a-f]{32})$", catalog.read_text(), re.M))
+    assert ids == {o.message_id for o in daemon.OUTCOMES.values()}
+    code = textwrap.dedent("""
+        from rhel_cvm_update import daemon
+        log = daemon.JournalLog(sink="journal")
+        log.outcome("staged", "sealed", UKI="/esp/EFI/Linux/uki-b.efi", TOKEN_ID=2, KEYSLOT=3,
+                    BOOT_ENTRY="Boot0001", SOURCE="log")
+        log.outcome("failed", "update failed: TPM gone", COMMAND="update", REASON="machine")
+    """)
+    script = tmp_path / "x.sh"
+    script.write_text("set -e\n%s -c '%s'\njournalctl --sync\njournalctl -D /run/log/journal -x -o short "
+                      "SYSLOG_IDENTIFIER=rhel-cvm-update > %s\n" % (sys.executable, code.replace("'", "'\\''"),
+                                                                   tmp_path / "explained.txt"))
+    proc, _ = run_with_journald(tmp_path, ["sh", "-c", CATALOG_SCRIPT, "sh", str(catalog), str(tmp_path / "catalog"),
+                                           "sh", str(script)])
+    assert proc.returncode == 0, proc.stderr.decode()
+    # journalctl -x prefixes explanation lines with "░░"
+    flat = " ".join((tmp_path / "explained.txt").read_text().replace("\u2591", " ").split())
+    assert "Subject: New kernel sealed and staged: /esp/EFI/Linux/uki-b.efi" in flat
+    assert "predicted (from log), a fresh disk key was sealed to them as LUKS2 token 2 (keyslot 3), and boot " \
+           "entry Boot0001 was set as BootNext" in flat
+    assert "Subject: The update transaction failed (machine)" in flat
