@@ -49,7 +49,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from rhel_cvm_update.errors import CvmUpdateError, MachineError, PredictionError, TransactionError
-from rhel_cvm_update.trust import check_trusted_stat, ensure_trusted_dir, require_live_checked
+from rhel_cvm_update.trust import check_trusted_path, check_trusted_stat, ensure_trusted_dir, require_live_checked
 
 JOURNAL_FILE = "journal.json"
 LOCK_FILE = "lock"
@@ -441,7 +441,11 @@ def predict(machine: Machine, detected: Detected) -> List[Dict[str, Any]]:
     from rhel_cvm_update.predict import predict_next_boot
 
     predictions = []
+    # What the key is sealed to comes from these files: none may be writable by another user.
+    if os.path.exists(machine.config.event_log):
+        check_trusted_path(machine.config.event_log, "event log")
     for item in detected.new:
+        check_trusted_path(item["uki"], "UKI")
         prediction = predict_next_boot(machine.config, item["uki"], tpm=machine.tpm, live=detected.live_banks,
                                        booted_shim=detected.booted_shim if detected.shim_changed else None)
         require_live_checked(prediction)

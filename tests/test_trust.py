@@ -238,6 +238,7 @@ def test_no_sealing_code_path_predicts_offline_or_from_given_pcrs():
     assert {"reseal.py:predict_target", "transaction.py:predict"} <= set(callers)
     for name, func in callers.items():
         assert list(_calls(func, "require_live_checked")), f"{name} seals a prediction without require_live_checked"
+        assert len(list(_calls(func, "check_trusted_path"))) >= 2, f"{name} does not check the UKI and event log"
 
 
 # Modules that decide what goes into a Boot entry, a token or a prediction.
@@ -280,3 +281,23 @@ def test_journal_writable_by_others_is_refused(tmp_path):
         read_json(str(journal))
     os.chmod(journal, 0o600)
     assert read_json(str(journal)) == {"chains": {}}
+
+
+@pytest.mark.swtpm
+def test_update_refuses_a_uki_others_can_write(tmp_path):
+    """On the sandbox CVM: a new UKI that any user could have replaced is not sealed for."""
+    from rhel_cvm_update.transaction import run_update
+    from tests.sandbox import built_or_skip
+
+    cvm = built_or_skip(tmp_path / "cvm")
+    try:
+        tokens_before = sorted(cvm.luks_json()["tokens"])
+        uki = cvm.install_uki("b")
+        os.chmod(uki, 0o666)
+        with pytest.raises(ConfigError, match=f"UKI {uki}.*writable by group and others"):
+            run_update(cvm.config())
+        assert sorted(cvm.luks_json()["tokens"]) == tokens_before
+        os.chmod(uki, 0o644)
+        assert [s["action"] for s in run_update(cvm.config()).sealed] == ["added"]
+    finally:
+        cvm.close()
