@@ -120,3 +120,11 @@ def test_path_unit_watches_uki_and_shim_directories_with_a_trigger_limit():
     assert re.search(r"^StartLimitIntervalSec=0$", service, re.M)
     assert re.search(r"^ExecStart=/usr/bin/rhel-cvm-update update --settle 10$", service, re.M)
     assert re.search(r"^Type=notify$", service, re.M)
+
+
+def test_confirm_unit_has_the_same_sandbox_as_the_update_service():
+    def sandbox_lines(name):
+        text = (UNITS_DIR / name).read_text()
+        service = text[text.index("StateDirectory="):]
+        return service.split("\n[Install]")[0].strip().splitlines()
+    assert sandbox_lines("rhel-cvm-update-confirm.service") == sandbox_lines("rhel-cvm-update.service")

@@ -347,3 +347,34 @@ def test_stopping_the_service_is_not_delayed_by_the_failure_back_off(tmp_path):
     finally:
         manager.stop()
         cvm.close()
+
+
+@pytest.mark.parametrize("name", ["rhel-cvm-update.service", "rhel-cvm-update-confirm.service"])
+def test_the_sandbox_leaves_exactly_the_capabilities_the_tool_needs(tmp_path, name):
+    """The shipped sandbox lines, run by systemd 252: the process keeps CAP_LINUX_IMMUTABLE
+    (efivarfs) and CAP_IPC_LOCK (cryptsetup) effective, and nothing else."""
+    for tool in (SYSTEMD, JOURNALD):
+        if not os.path.exists(tool):
+            pytest.skip(f"{tool} is not installed")
+    if not all(shutil.which(t) for t in ("unshare", "systemctl")) or not any(os.path.isdir(r) for r in CGROUP_ROOTS):
+        pytest.skip("unshare, systemctl or a cgroup hierarchy is missing")
+    manager = ScratchManager(tmp_path / "manager")
+    out = tmp_path / "caps.txt"
+    try:
+        manager.start()
+        text = (REPO / "systemd" / name).read_text()
+        text = "\n".join(line for line in text.splitlines() if not DROPPED.match(line)
+                         and not line.startswith(("ReadWritePaths=", "RequiresMountsFor=", "ExecStopPost=")))
+        text = re.sub(r"^ExecStart=.*$", f"ExecStart=/bin/sh -c 'grep ^Cap /proc/self/status > {out}'", text,
+                      flags=re.M).replace("Type=notify", "Type=oneshot")
+        text = text.replace("[Service]\n", f"[Service]\nReadWritePaths={tmp_path}\n")
+        (manager.units / "caps.service").write_text(text + "\n")
+        manager.systemctl("daemon-reload")
+        manager.systemctl("start", "caps.service")
+        caps = dict(line.split(":\t") for line in out.read_text().splitlines())
+        immutable_and_ipc_lock = (1 << 9) | (1 << 14)  # CAP_LINUX_IMMUTABLE, CAP_IPC_LOCK
+        assert int(caps["CapEff"], 16) == immutable_and_ipc_lock
+        assert int(caps["CapBnd"], 16) == immutable_and_ipc_lock
+        assert int(caps["CapAmb"], 16) == 0
+    finally:
+        manager.stop()
