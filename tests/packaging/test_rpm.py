@@ -25,6 +25,7 @@ DESIGN_FILES = {
     "/usr/lib/systemd/system/rhel-cvm-update.service": 0o644,
     "/usr/lib/systemd/system/rhel-cvm-update-confirm.service": 0o644,
     "/usr/lib/systemd/system-preset/80-rhel-cvm-update.preset": 0o644,
+    "/usr/lib/systemd/catalog/rhel-cvm-update.catalog": 0o644,
     HOOK: 0o755,
     "/usr/lib/kernel/install.d/95-rhel-cvm-update.install": 0o755,
     "/etc/dnf/plugins/post-transaction-actions.d/rhel-cvm-update.action": 0o644,
