@@ -39,8 +39,7 @@ def kernel_update(machine: Machine, old: str, new: str) -> str:
     """Scenario 1 on a running machine booted from ``old``; returns the new UKI's Boot####."""
     old_entry = machine.efibootmgr()["BootCurrent"]
     path = machine.install_uki(new)
-    machine.wait_for("the path unit to stage %s" % path, lambda: staged_uki(machine) == path)
-    machine.wait_update_idle()
+    machine.wait_update("the path unit to stage %s" % path, lambda: staged_uki(machine) == path)
     status = machine.status()
     assert status["exit_code"] == 0, status["attention"]
     assert status["next_boot"]["will_unlock"] and status["next_boot"]["uki"].endswith("uki-%s.efi" % new)
@@ -81,36 +80,35 @@ def update_machine(tmp_path_factory):
 
 def test_1_kernel_update(update_machine, e2e_table):  # noqa: F811
     machine = update_machine
-    machine.vm.start()
-    machine.assert_unlocked("a")
-    machine.kernel_update_entry = kernel_update(machine, "a", "b")
-    e2e_table.rows.append(machine.row("1 kernel update (SB off)"))
+    with e2e_table.scenario(machine, "1 kernel update (SB off)"):
+        machine.vm.start()
+        machine.assert_unlocked("a")
+        machine.kernel_update_entry = kernel_update(machine, "a", "b")
 
 
 def test_4_kernel_removal(update_machine, e2e_table):  # noqa: F811
     machine = update_machine
-    new_entry = getattr(machine, "kernel_update_entry", None)
-    assert new_entry is not None, "scenario 1 did not leave the machine updated"
-    tokens_before = machine.luks_tokens()
-    old_entry = entry_for(machine.efibootmgr(), "a")
-    assert old_entry is not None
-    machine.vm.check(["rm", ESP_LINUX + "/uki-a.efi"])
-    machine.wait_for("the path unit to remove uki-a's chain",
-                     lambda: all(not c["uki"].endswith("uki-a.efi") for c in machine.status()["chains"]))
-    machine.wait_update_idle()
-    tokens = machine.luks_tokens()
-    assert len(tokens) == len(tokens_before) - 1, "uki-a's token is still there: %r" % tokens
-    facts = machine.efibootmgr()
-    assert old_entry not in facts["entries"], "Boot%s (uki-a) is still there: %r" % (old_entry, facts)
-    assert facts["BootCurrent"] == new_entry and facts["BootOrder"][0] == new_entry
-    status = machine.status()
-    assert status["exit_code"] == 0, status["attention"]
-    booted_tokens = [t for t in status["tokens"] if t["matches_current_boot"]]
-    assert len(booted_tokens) == 1 and str(booted_tokens[0]["token"]) in tokens
-    machine.vm.reboot()
-    machine.assert_unlocked("b")
-    assert machine.efibootmgr()["BootCurrent"] == new_entry
-    e2e_table.rows.append(machine.row("1+4 kernel update then old kernel removed"))
+    with e2e_table.scenario(machine, "1+4 kernel update, then the old kernel removed"):
+        new_entry = getattr(machine, "kernel_update_entry", None)
+        assert new_entry is not None, "scenario 1 did not leave the machine updated"
+        tokens_before = machine.luks_tokens()
+        old_entry = entry_for(machine.efibootmgr(), "a")
+        assert old_entry is not None
+        machine.vm.check(["rm", ESP_LINUX + "/uki-a.efi"])
+        machine.wait_update("the path unit to remove uki-a's chain",
+                            lambda: all(not c["uki"].endswith("uki-a.efi") for c in machine.status()["chains"]))
+        tokens = machine.luks_tokens()
+        assert len(tokens) == len(tokens_before) - 1, "uki-a's token is still there: %r" % tokens
+        facts = machine.efibootmgr()
+        assert old_entry not in facts["entries"], "Boot%s (uki-a) is still there: %r" % (old_entry, facts)
+        assert facts["BootCurrent"] == new_entry and facts["BootOrder"][0] == new_entry
+        status = machine.status()
+        assert status["exit_code"] == 0, status["attention"]
+        booted_tokens = [t for t in status["tokens"] if t["matches_current_boot"]]
+        assert len(booted_tokens) == 1 and str(booted_tokens[0]["token"]) in tokens
+        machine.vm.reboot()
+        machine.assert_unlocked("b")
+        assert machine.efibootmgr()["BootCurrent"] == new_entry
 
 
 def test_2_failed_kernel(tmp_path, e2e_table):  # noqa: F811
@@ -118,26 +116,25 @@ def test_2_failed_kernel(tmp_path, e2e_table):  # noqa: F811
     image, snapshot = image_and_snapshot(secure_boot=False)
     machine = Machine(image, snapshot, tmp_path / "vm")
     try:
-        machine.vm.start()
-        machine.assert_unlocked("a")
-        old_entry = machine.efibootmgr()["BootCurrent"]
-        path = machine.install_uki("bad")
-        machine.wait_for("the path unit to stage %s" % path, lambda: staged_uki(machine) == path)
-        machine.wait_update_idle()
-        bad_entry = entry_for(machine.efibootmgr(), "bad")
-        assert machine.efibootmgr()["BootNext"] == bad_entry
-        # The bad UKI's initramfs finds no root, the kernel panics, panic=5 resets the VM and
-        # the firmware (BootNext consumed) boots BootOrder's first entry: the old kernel.
-        machine.vm.reboot()
-        assert "initrd: cannot mount the root file system '/dev/vda9'" in machine.vm.serial_text()
-        machine.assert_unlocked("a")
-        facts = machine.efibootmgr()
-        assert facts["BootCurrent"] == old_entry and facts["BootOrder"][0] == old_entry
-        status = machine.status()
-        assert status["trial_failed"] and "uki-bad.efi" in str(status["trial_failed"]), status["trial_failed"]
-        assert any("uki-bad.efi" in a for a in status["attention"]), status["attention"]
-        assert status["next_boot"]["will_unlock"] and status["next_boot"]["uki"].endswith("uki-a.efi")
-        e2e_table.rows.append(machine.row("2 failed kernel (panic, reset, old kernel)"))
+        with e2e_table.scenario(machine, "2 failed kernel (panic, reset, old kernel)"):
+            machine.vm.start()
+            machine.assert_unlocked("a")
+            old_entry = machine.efibootmgr()["BootCurrent"]
+            path = machine.install_uki("bad")
+            machine.wait_update("the path unit to stage %s" % path, lambda: staged_uki(machine) == path)
+            bad_entry = entry_for(machine.efibootmgr(), "bad")
+            assert machine.efibootmgr()["BootNext"] == bad_entry
+            # The bad UKI's initramfs finds no root, the kernel panics, panic=5 resets the VM and
+            # the firmware (BootNext consumed) boots BootOrder's first entry: the old kernel.
+            machine.vm.reboot()
+            assert "initrd: cannot mount the root file system '/dev/vda9'" in machine.vm.serial_text()
+            machine.assert_unlocked("a")
+            facts = machine.efibootmgr()
+            assert facts["BootCurrent"] == old_entry and facts["BootOrder"][0] == old_entry
+            status = machine.status()
+            assert status["trial_failed"] and "uki-bad.efi" in str(status["trial_failed"]), status["trial_failed"]
+            assert any("uki-bad.efi" in a for a in status["attention"]), status["attention"]
+            assert status["next_boot"]["will_unlock"] and status["next_boot"]["uki"].endswith("uki-a.efi")
     finally:
         machine.close()
 
@@ -153,28 +150,28 @@ def test_3_power_cuts(tmp_path, e2e_table):  # noqa: F811
     machine = Machine(image, snapshot, tmp_path / "vm")
     vm = machine.vm
     try:
-        vm.start()
-        machine.assert_unlocked("a")
-        # Here the harness runs update itself (with the fault-injection hook), not the path unit.
-        vm.check(["systemctl", "disable", "--now", PATH_UNIT])
-        machine.install_uki("b")
-        for point in POWER_CUTS:
-            killed = vm.run(["rhel-cvm-update", "update"], env={CRASH_ENV: point}, timeout=300)
-            assert killed.rc == SIGKILL_RC, "update did not reach %s: rc=%d %s" % (point, killed.rc, killed.stderr)
-            vm.power_cut()
+        with e2e_table.scenario(machine, "3 power cuts at %s" % ", ".join(POWER_CUTS)):
             vm.start()
             machine.assert_unlocked("a")
-        done = vm.check(["rhel-cvm-update", "update", "--json"], timeout=300).json()
-        assert done["staged"] and done["staged"]["uki"].endswith("uki-b.efi"), done
-        status = machine.status()
-        assert status["exit_code"] == 0 and status["pending"] is None, status
-        tokens = machine.luks_tokens()
-        assert len(tokens) == 2, tokens
-        referenced = {s for t in tokens.values() for s in t["keyslots"]}
-        assert set(machine.luks_keyslots()) == referenced | {"0"}, "a keyslot no token names was left behind"
-        vm.reboot()
-        machine.assert_unlocked("b")
-        e2e_table.rows.append(machine.row("3 power cuts at %s" % ", ".join(POWER_CUTS)))
+            # Here the harness runs update itself (with the fault-injection hook), not the path unit.
+            vm.check(["systemctl", "disable", "--now", PATH_UNIT])
+            machine.install_uki("b")
+            for point in POWER_CUTS:
+                killed = vm.run(["rhel-cvm-update", "update"], env={CRASH_ENV: point}, timeout=300)
+                assert killed.rc == SIGKILL_RC, "update did not reach %s: rc=%d %s" % (point, killed.rc, killed.stderr)
+                vm.power_cut()
+                vm.start()
+                machine.assert_unlocked("a")
+            done = vm.check(["rhel-cvm-update", "update", "--json"], timeout=300).json()
+            assert done["staged"] and done["staged"]["uki"].endswith("uki-b.efi"), done
+            status = machine.status()
+            assert status["exit_code"] == 0 and status["pending"] is None, status
+            tokens = machine.luks_tokens()
+            assert len(tokens) == 2, tokens
+            referenced = {s for t in tokens.values() for s in t["keyslots"]}
+            assert set(machine.luks_keyslots()) == referenced | {"0"}, "a keyslot no token names was left behind"
+            vm.reboot()
+            machine.assert_unlocked("b")
     finally:
         machine.close()
 
@@ -184,17 +181,17 @@ def test_5_secure_boot_kernel_update(tmp_path, e2e_table):  # noqa: F811
     image, snapshot = image_and_snapshot(secure_boot=True)
     machine = Machine(image, snapshot, tmp_path / "vm")
     try:
-        machine.vm.start()
-        machine.assert_unlocked("a")
-        log = base64.b64decode(machine.vm.check(
-            ["base64", "-w0", "/sys/kernel/security/tpm0/binary_bios_measurements"]).stdout)
-        (tmp_path / "eventlog.bin").write_bytes(log)
-        parsed = subprocess.run(["tpm2_eventlog", str(tmp_path / "eventlog.bin")], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, check=True).stdout.decode()
-        authorities = [e for e in parsed.split("- EventNum:")[1:]
-                       if "EV_EFI_VARIABLE_AUTHORITY" in e and "PCRIndex: 7" in e]
-        assert len(authorities) >= 2, "PCR7 lacks the db authority events of shim and the UKI"
-        kernel_update(machine, "a", "b")
-        e2e_table.rows.append(machine.row("5 kernel update (SB on, own db key)"))
+        with e2e_table.scenario(machine, "5 kernel update (SB on, own db key)"):
+            machine.vm.start()
+            machine.assert_unlocked("a")
+            log = base64.b64decode(machine.vm.check(
+                ["base64", "-w0", "/sys/kernel/security/tpm0/binary_bios_measurements"]).stdout)
+            (tmp_path / "eventlog.bin").write_bytes(log)
+            parsed = subprocess.run(["tpm2_eventlog", str(tmp_path / "eventlog.bin")], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, check=True).stdout.decode()
+            authorities = [e for e in parsed.split("- EventNum:")[1:]
+                           if "EV_EFI_VARIABLE_AUTHORITY" in e and "PCRIndex: 7" in e]
+            assert len(authorities) >= 2, "PCR7 lacks the db authority events of shim and the UKI"
+            kernel_update(machine, "a", "b")
     finally:
         machine.close()

@@ -454,10 +454,40 @@ def make_disk(work: Path, tree: Path, esp_files: Dict[str, Path]) -> Path:
     return disk
 
 
-def csv_text(uki_esp_path: str) -> bytes:
-    """BOOTX64.CSV as Debian ships it (UCS-2LE with BOM), naming the installed UKI."""
-    line = "shimx64.efi,rhel-cvm-update e2e,%s ,e2e guest\n" % uki_esp_path
+# The installed kernel's entry is the one the product itself makes for a UKI (bootmgr.py: its
+# "managed" marker is this description prefix, shim in EFI/<vendor>, the UKI path as NUL-terminated
+# UCS-2 optional data), as if the first-boot conversion had run `rhel-cvm-update boot add` or shim's
+# fallback had read the product's BOOTX64.CSV line.  It is written by efibootmgr, not by our code.
+ENTRY_DESCRIPTION = "RHEL CVM UKI %s"
+ENTRY_NUMBER = "0007"
+
+
+def csv_text(description: str, uki_esp_path: str) -> bytes:
+    """BOOTX64.CSV (UCS-2LE with BOM, as shim's fallback reads it) naming the installed UKI."""
+    line = "shimx64.efi,%s,%s,boot entry of rhel-cvm-update\n" % (description, uki_esp_path)
     return b"\xff\xfe" + line.encode("utf-16-le")
+
+
+def make_boot_entry(disk: Path, work: Path, description: str, uki_esp_path: str) -> Dict[str, object]:
+    """Boot#### + BootOrder written by efibootmgr over a loop device into an efivarfs-like directory."""
+    efivars = work / "efibootmgr-vars"
+    efivars.mkdir()
+    optional = work / "optional-data.bin"
+    optional.write_bytes(uki_esp_path.encode("utf-16-le") + b"\0\0")
+    loop = run(["losetup", "-f", "--show", str(disk)]).stdout.decode().strip()
+    try:
+        run(["efibootmgr", "-q", "-b", ENTRY_NUMBER, "-c", "-d", loop, "-p", "1", "-l", capture.SHIM_ESP_PATH,
+             "-L", description, "-@", str(optional)],
+            env=dict(os.environ, EFIVARFS_PATH=str(efivars) + "/", LIBEFIVAR_OPS="efivarfs"))
+    finally:
+        run(["losetup", "-d", loop])
+    variables = {}
+    for name in ("Boot" + ENTRY_NUMBER, "BootOrder"):
+        raw = (efivars / ("%s-%s" % (name, capture.EFI_GLOBAL))).read_bytes()
+        variables["%s-%s" % (name, capture.EFI_GLOBAL)] = {"attr": int.from_bytes(raw[:4], "little"),
+                                                          "data": raw[4:].hex()}
+    return {"number": ENTRY_NUMBER, "description": description, "optional_data": uki_esp_path,
+            "variables": variables}
 
 
 def image_key(kernels: Dict[str, realbins.KernelPackage], base: Path) -> str:
@@ -508,13 +538,14 @@ def _build(directory: Path, base: Path, kernels: Dict[str, realbins.KernelPackag
                                           uname=kernel.release)
             ukis[name] = realbins.sign(unsigned, db_key, db_cert, directory / ("uki-%s.efi" % name))
         populate(tree, ukis)
+        description = ENTRY_DESCRIPTION % kernels["a"].release
         csv = work / "BOOTX64.CSV"
-        csv.write_bytes(csv_text(GuestImage.esp_path("a")))
+        csv.write_bytes(csv_text(description, GuestImage.esp_path("a")))
         esp_files = {capture.SHIM_ESP_PATH: capture.SHIM_SIGNED,
                      "\\EFI\\%s\\BOOTX64.CSV" % VENDOR: csv,
                      GuestImage.esp_path("a"): ukis["a"]}
         disk = make_disk(work, tree, esp_files)
-        boot_entry = capture.make_boot_entry(disk, work, GuestImage.esp_path("a"))
+        boot_entry = make_boot_entry(disk, work, description, GuestImage.esp_path("a"))
         capture.make_vars(capture.OVMF_DIR / "OVMF_VARS_4M.fd", directory / "vars-sb-off.fd", work,
                           boot_entry, None)
         capture.make_vars(capture.OVMF_DIR / "OVMF_VARS_4M.ms.fd", directory / "vars-sb-on.fd", work,

@@ -10,9 +10,10 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -59,6 +60,16 @@ class TableRow:
 @dataclass
 class Table:
     rows: List[TableRow] = field(default_factory=list)
+
+    @contextmanager
+    def scenario(self, machine: "Machine", name: str) -> Iterator[None]:
+        """Adds the scenario's row, passed or failed, when the block ends."""
+        outcome = "failed"
+        try:
+            yield
+            outcome = "passed"
+        finally:
+            self.rows.append(machine.row(name, outcome))
 
     def render(self) -> str:
         lines = ["%-44s %5s %8s  %s" % ("e2e scenario", "boots", "seconds", "outcome")]
@@ -140,10 +151,13 @@ class Machine:
         assert self.vm.check(["cat", MARKER_FILE]).stdout == self.snapshot.marker
 
     def install_uki(self, name: str) -> str:
-        """Copy a UKI into the ESP the way a kernel package's scriptlet does; returns its guest path."""
+        """Copy a UKI into the ESP as a finished package transaction leaves it: complete and on
+        disk (without the sync a power cut soon after can leave the FAT file empty, and the
+        power-cut scenario is about cuts during `update`, not during the copy)."""
         target = "%s/uki-%s.efi" % (ESP_LINUX, name)
         self.vm.check(["cp", "%s/uki-%s.efi" % (GUEST_UKI_DIR, name), target + ".tmp"])
         self.vm.check(["mv", target + ".tmp", target])
+        self.vm.check(["sync"])
         return target
 
     def wait_for(self, what: str, predicate: Callable[[], bool], seconds: float = SERVICE_WAIT_SECONDS) -> None:
@@ -154,6 +168,17 @@ class Machine:
                                        "-u", CONFIRM_SERVICE, "--no-pager"]).stdout[-4000:]
                 raise GuestError("timed out after %d s waiting for %s\n%s" % (seconds, what, journal))
             time.sleep(3)
+
+    def wait_update(self, what: str, predicate: Callable[[], bool]) -> None:
+        """Wait until the path unit's service has made ``predicate`` true; a failed run of the
+        service fails at once (with its journal) instead of at the timeout."""
+        def done() -> bool:
+            if self.unit_state(UPDATE_SERVICE)["ActiveState"] == "failed":
+                journal = self.vm.run(["journalctl", "-b", "-u", UPDATE_SERVICE, "--no-pager"]).stdout[-4000:]
+                raise GuestError("%s failed while waiting for %s\n%s" % (UPDATE_SERVICE, what, journal))
+            return predicate()
+        self.wait_for(what, done)
+        self.wait_update_idle()
 
     def wait_update_idle(self) -> None:
         """The path unit's service has run and finished (it may have been started more than once)."""
@@ -178,11 +203,9 @@ def e2e_table(request):
         return
     text = table.render()
     (guest_cache() / ("table-%s.txt" % request.module.__name__.rsplit(".", 1)[-1])).write_text(text + "\n")
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("")
-        for line in text.splitlines():
-            reporter.write_line(line)
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print("\n" + text)
 
 
 def image_and_snapshot(secure_boot: bool):
