@@ -396,6 +396,13 @@ def detect(machine: Machine, journal: Journal) -> Detected:
             continue
         new.append({"uki": uki.path, "esp_path": uki.esp_path, "digest": digests[uki.path], "key": key,
                     "mtime": os.stat(uki.path).st_mtime})
+    # A LUKS2 header holds about ten systemd-tpm2 tokens, and retirement keeps the booted
+    # chain plus keep_previous: seal only that many of the newest new UKIs, say so for the rest.
+    new.sort(key=lambda item: (item["mtime"], item["uki"]), reverse=True)
+    limit = config.keep_previous + 1
+    notes.extend(f"{item['uki']} not sealed: only the {limit} newest new UKI(s) get a key "
+                 f"(keep_previous is {config.keep_previous})" for item in new[limit:])
+    new = new[:limit]
     # Only a UKI whose file is gone (not one that fails to parse: dnf may be writing it) loses
     # its chain; the firmware cannot start a missing file, so no such chain is a next boot.
     doomed = [key for key, c in journal.chains.items()

@@ -466,3 +466,19 @@ def test_keep_previous_chains_survive_confirmation(tmp_path, keep_previous):
         assert cvm.unlocking_tokens() == [tokens_by_uki(cvm)["uki-k4.efi"]]
     finally:
         cvm.close()
+
+
+def test_many_new_ukis_seal_only_the_newest_that_can_be_kept(sandbox):
+    # A LUKS2 header holds about ten tokens: with keep_previous 1, one update of five new
+    # UKIs seals the two newest and says why the others got no key.
+    cvm = sandbox
+    for index, name in enumerate(["v1", "v2", "v3", "v4", "b"]):
+        path = cvm.install_uki(name)
+        os.utime(path, (1_700_000_000 + index, 1_700_000_000 + index))
+    result = cli(cvm, "update", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    sealed = sorted(os.path.basename(s["uki"]) for s in out["sealed"])
+    assert sealed == ["uki-b.efi", "uki-v4.efi"]
+    assert sum("not sealed" in n for n in out["notes"]) == 3
+    assert len(cvm.luks_json()["tokens"]) == 3  # cryptenroll's + two
