@@ -632,10 +632,13 @@ def _recover(machine: Machine, journal: Journal) -> List[str]:
 
 # --- the two transactions ---------------------------------------------------------------------
 
-def run_update(config, *, hooks=None, lock_timeout: Optional[float] = None) -> UpdateResult:
+@contextlib.contextmanager
+def _transaction(config, command: str, hooks, lock_timeout: Optional[float]):
+    """What both transactions start with, under the lock: the journal, the TPM, recovery of an
+    interrupted run, then detect.  Yields (machine, journal, recovered, detected); a failure
+    is recorded as the last result before it propagates."""
     from rhel_cvm_update.adapters.tpm import Tpm
 
-    hooks = hooks or NullHooks()
     with state_lock(config.state_dir, lock_timeout):
         journal = Journal(config.state_dir)
         try:
@@ -643,28 +646,34 @@ def run_update(config, *, hooks=None, lock_timeout: Optional[float] = None) -> U
                 machine = Machine(config, tpm)
                 with hooks.critical():
                     recovered = _recover(machine, journal)
-                journal.begin("update")
+                journal.begin(command)
                 detected = _run_step(journal, hooks, "detect", config.uki_dir, lambda: detect(machine, journal))
-                try:
-                    predictions = _run_step(journal, hooks, "predict", f"{len(detected.new)} new chain(s)",
-                                            lambda: predict(machine, detected))
-                except PredictionError as e:
-                    journal.finish()
-                    result = UpdateResult("refused", detected.booted_uki, detected.shim_changed, [], None, [],
-                                          recovered, detected.notes, reason=str(e))
-                    _record_result(config, result.to_json())
-                    return result
-                with hooks.critical():
-                    sealed = _run_step(journal, hooks, "seal", f"{len(predictions)} chain(s)",
-                                       lambda: seal(machine, journal, detected, predictions))
-                    staged = _run_step(journal, hooks, "stage", "BootNext",
-                                       lambda: stage(machine, journal, detected))
-                    removed = _run_step(journal, hooks, "remove", f"{len(detected.doomed)} chain(s)",
-                                        lambda: remove(machine, journal, detected.doomed))
-                journal.finish()
+                yield machine, journal, recovered, detected
         except CvmUpdateError as e:
-            record_failure(config, "update", e)
+            record_failure(config, command, e)
             raise
+
+
+def run_update(config, *, hooks=None, lock_timeout: Optional[float] = None) -> UpdateResult:
+    hooks = hooks or NullHooks()
+    with _transaction(config, "update", hooks, lock_timeout) as (machine, journal, recovered, detected):
+        try:
+            predictions = _run_step(journal, hooks, "predict", f"{len(detected.new)} new chain(s)",
+                                    lambda: predict(machine, detected))
+        except PredictionError as e:
+            journal.finish()
+            result = UpdateResult("refused", detected.booted_uki, detected.shim_changed, [], None, [],
+                                  recovered, detected.notes, reason=str(e))
+            _record_result(config, result.to_json())
+            return result
+        with hooks.critical():
+            sealed = _run_step(journal, hooks, "seal", f"{len(predictions)} chain(s)",
+                               lambda: seal(machine, journal, detected, predictions))
+            staged = _run_step(journal, hooks, "stage", "BootNext",
+                               lambda: stage(machine, journal, detected))
+            removed = _run_step(journal, hooks, "remove", f"{len(detected.doomed)} chain(s)",
+                                lambda: remove(machine, journal, detected.doomed))
+        journal.finish()
         # A chain sealed without BootNext (the booted UKI under a new shim) is staged too:
         # BootOrder already starts it.
         outcome = "staged" if staged or sealed else ("removed" if removed else "nothing-to-do")
@@ -732,28 +741,15 @@ def confirm(machine: Machine, journal: Journal, detected: Detected) -> Tuple[str
 
 
 def run_confirm(config, *, hooks=None, lock_timeout: Optional[float] = None) -> ConfirmResult:
-    from rhel_cvm_update.adapters.tpm import Tpm
-
     hooks = hooks or NullHooks()
-    with state_lock(config.state_dir, lock_timeout):
-        journal = Journal(config.state_dir)
-        try:
-            with Tpm(config.tpm) as tpm:
-                machine = Machine(config, tpm)
-                with hooks.critical():
-                    recovered = _recover(machine, journal)
-                journal.begin("confirm")
-                detected = _run_step(journal, hooks, "detect", config.uki_dir, lambda: detect(machine, journal))
-                with hooks.critical():
-                    outcome, promoted, doomed, reason = _run_step(
-                        journal, hooks, "confirm", f"BootCurrent {detected.boot_current}",
-                        lambda: confirm(machine, journal, detected))
-                    removed = _run_step(journal, hooks, "remove", f"{len(doomed)} chain(s)",
-                                        lambda: remove(machine, journal, doomed))
-                journal.finish()
-        except CvmUpdateError as e:
-            record_failure(config, "confirm", e)
-            raise
+    with _transaction(config, "confirm", hooks, lock_timeout) as (machine, journal, recovered, detected):
+        with hooks.critical():
+            outcome, promoted, doomed, reason = _run_step(
+                journal, hooks, "confirm", f"BootCurrent {detected.boot_current}",
+                lambda: confirm(machine, journal, detected))
+            removed = _run_step(journal, hooks, "remove", f"{len(doomed)} chain(s)",
+                                lambda: remove(machine, journal, doomed))
+        journal.finish()
         kept = [c["uki"] for c in journal.chains.values() if c["status"] in LIVE_CHAIN_STATUSES]
         current = None if detected.boot_current is None else f"Boot{detected.boot_current:04X}"
         result = ConfirmResult(outcome, detected.booted_uki, current, promoted, kept, removed, recovered,
