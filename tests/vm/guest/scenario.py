@@ -72,8 +72,8 @@ class Table:
             self.rows.append(machine.row(name, outcome))
 
     def render(self) -> str:
-        lines = ["%-44s %5s %8s  %s" % ("e2e scenario", "boots", "seconds", "outcome")]
-        lines += ["%-44s %5d %8.1f  %s" % (r.scenario, r.boots, r.seconds, r.outcome) for r in self.rows]
+        lines = ["%-56s %5s %8s  %s" % ("e2e scenario", "boots", "seconds", "outcome")]
+        lines += ["%-56s %5d %8.1f  %s" % (r.scenario, r.boots, r.seconds, r.outcome) for r in self.rows]
         return "\n".join(lines)
 
 
