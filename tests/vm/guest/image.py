@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -511,6 +512,7 @@ def build_image() -> GuestImage:
         if not (directory / "image.json").exists():
             shutil.rmtree(directory, ignore_errors=True)
             _build(directory, base, kernels)
+            prune_stale_images(directory)
     record = json.loads((directory / "image.json").read_text())
     return GuestImage(directory=directory, key=key, disk=directory / "disk.raw",
                       ukis={n: directory / ("uki-%s.efi" % n) for n in KERNELS},
@@ -518,6 +520,18 @@ def build_image() -> GuestImage:
                       db_key=directory / "keys/db.key", db_cert=directory / "keys/db.crt",
                       vars_sb_off=directory / "vars-sb-off.fd", vars_sb_on=directory / "vars-sb-on.fd",
                       boot_entry=record["boot_entry"])
+
+
+# Every change to the product makes a new image (about 0.7 GB with its snapshots); images nobody
+# built or enrolled for this long belong to old checkouts.
+STALE_IMAGE_SECONDS = 6 * 3600
+
+
+def prune_stale_images(current: Path) -> None:
+    for other in guest_cache().glob("image-*"):
+        if other.is_dir() and other != current and time.time() - other.stat().st_mtime > STALE_IMAGE_SECONDS:
+            shutil.rmtree(other, ignore_errors=True)
+            Path(str(other) + ".lock").unlink(missing_ok=True)
 
 
 def _build(directory: Path, base: Path, kernels: Dict[str, realbins.KernelPackage]) -> None:
