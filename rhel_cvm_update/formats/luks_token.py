@@ -66,6 +66,15 @@ def _b64decode(value: Any, token_id: Any, field: str, source: str) -> bytes:
         raise _token_error(token_id, field, "is not valid base64", source) from None
 
 
+def _typed_token_keyslot(obj: Any, token_type: str, token_id: Any, source: str) -> int:
+    """Check that ``obj`` is a token object of ``token_type``; its one keyslot."""
+    if not isinstance(obj, dict):
+        raise _token_error(token_id, "token", "must be a JSON object", source)
+    if obj.get("type") != token_type:
+        raise _token_error(token_id, "type", f"expected {token_type!r}, got {obj.get('type')!r}", source)
+    return _single_keyslot(obj, token_id, source)
+
+
 def _single_keyslot(obj: Mapping[str, Any], token_id: Any, source: str) -> int:
     slots = obj.get("keyslots")
     if not isinstance(slots, list) or len(slots) != 1:
@@ -116,11 +125,7 @@ class SystemdTpm2Token:
 
     @classmethod
     def from_json(cls, obj: Any, token_id: Any, source: str = "LUKS2 token") -> "SystemdTpm2Token":
-        if not isinstance(obj, dict):
-            raise _token_error(token_id, "token", "must be a JSON object", source)
-        if obj.get("type") != SYSTEMD_TPM2:
-            raise _token_error(token_id, "type", f"expected {SYSTEMD_TPM2!r}, got {obj.get('type')!r}", source)
-        keyslot = _single_keyslot(obj, token_id, source)
+        keyslot = _typed_token_keyslot(obj, SYSTEMD_TPM2, token_id, source)
         if "tpm2-blob" not in obj:
             raise _token_error(token_id, "tpm2-blob", "missing", source)
         if isinstance(obj["tpm2-blob"], list):
@@ -192,11 +197,7 @@ class Tpm2ImportToken:
 
     @classmethod
     def from_json(cls, obj: Any, token_id: Any, source: str = "LUKS2 token") -> "Tpm2ImportToken":
-        if not isinstance(obj, dict):
-            raise _token_error(token_id, "token", "must be a JSON object", source)
-        if obj.get("type") != TPM2_IMPORT:
-            raise _token_error(token_id, "type", f"expected {TPM2_IMPORT!r}, got {obj.get('type')!r}", source)
-        keyslot = _single_keyslot(obj, token_id, source)
+        keyslot = _typed_token_keyslot(obj, TPM2_IMPORT, token_id, source)
         fields: Dict[str, bytes] = {}
         for name in cls._FILE_FIELDS:
             if name not in obj:
