@@ -163,6 +163,15 @@ class ScratchManager:
                     pass
 
 
+def require_scratch_manager(tools):
+    """Skip unless systemd, journald, ``tools`` and a cgroup hierarchy are here."""
+    for tool in (SYSTEMD, JOURNALD):
+        if not os.path.exists(tool):
+            pytest.skip(f"{tool} is not installed")
+    if not all(shutil.which(t) for t in tools) or not any(os.path.isdir(r) for r in CGROUP_ROOTS):
+        pytest.skip(f"{', '.join(tools)} or a cgroup hierarchy is missing")
+
+
 def wait_until(predicate, timeout, what):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -173,12 +182,7 @@ def wait_until(predicate, timeout, what):
 
 
 def test_path_unit_starts_the_service_once_per_change_and_never_loops(tmp_path):
-    for tool in (SYSTEMD, JOURNALD):
-        if not os.path.exists(tool):
-            pytest.skip(f"{tool} is not installed")
-    if not all(shutil.which(t) for t in ("unshare", "nsenter", "systemctl")) or not any(
-            os.path.isdir(r) for r in CGROUP_ROOTS):
-        pytest.skip("unshare, nsenter, systemctl or a cgroup hierarchy is missing")
+    require_scratch_manager(("unshare", "nsenter", "systemctl"))
     if not os.path.exists(LOGIND) or shutil.which("dbus-daemon") is None:
         pytest.skip("systemd-logind or dbus-daemon is not installed")
     sandbox = pytest.importorskip("tests.sandbox")
@@ -255,12 +259,7 @@ def test_a_failing_service_under_a_storm_of_changes_does_not_wedge_the_path_unit
     10 s) the path unit keeps waiting and, once the config is fixed, the next kernel drop is
     handled.  The control run without the back-off shows what it prevents: the path unit's
     trigger limit trips and it fails and stops watching."""
-    for tool in (SYSTEMD, JOURNALD):
-        if not os.path.exists(tool):
-            pytest.skip(f"{tool} is not installed")
-    if not all(shutil.which(t) for t in ("unshare", "nsenter", "systemctl")) or not any(
-            os.path.isdir(r) for r in CGROUP_ROOTS):
-        pytest.skip("unshare, nsenter, systemctl or a cgroup hierarchy is missing")
+    require_scratch_manager(("unshare", "nsenter", "systemctl"))
     sandbox = pytest.importorskip("tests.sandbox")
     cvm = sandbox.Sandbox(tmp_path / "cvm")
     manager = ScratchManager(tmp_path / "manager")
@@ -313,12 +312,7 @@ def test_a_failing_service_under_a_storm_of_changes_does_not_wedge_the_path_unit
 def test_stopping_the_service_is_not_delayed_by_the_failure_back_off(tmp_path):
     """`systemctl stop` (as at shutdown) while the service settles: SIGTERM ends it at once
     (it is outside any critical section) and the back-off does not run."""
-    for tool in (SYSTEMD, JOURNALD):
-        if not os.path.exists(tool):
-            pytest.skip(f"{tool} is not installed")
-    if not all(shutil.which(t) for t in ("unshare", "nsenter", "systemctl")) or not any(
-            os.path.isdir(r) for r in CGROUP_ROOTS):
-        pytest.skip("unshare, nsenter, systemctl or a cgroup hierarchy is missing")
+    require_scratch_manager(("unshare", "nsenter", "systemctl"))
     sandbox = pytest.importorskip("tests.sandbox")
     cvm = sandbox.Sandbox(tmp_path / "cvm")
     manager = ScratchManager(tmp_path / "manager")
@@ -353,11 +347,7 @@ def test_stopping_the_service_is_not_delayed_by_the_failure_back_off(tmp_path):
 def test_the_sandbox_leaves_exactly_the_capabilities_the_tool_needs(tmp_path, name):
     """The shipped sandbox lines, run by systemd 252: the process keeps CAP_LINUX_IMMUTABLE
     (efivarfs) and CAP_IPC_LOCK (cryptsetup) effective, and nothing else."""
-    for tool in (SYSTEMD, JOURNALD):
-        if not os.path.exists(tool):
-            pytest.skip(f"{tool} is not installed")
-    if not all(shutil.which(t) for t in ("unshare", "systemctl")) or not any(os.path.isdir(r) for r in CGROUP_ROOTS):
-        pytest.skip("unshare, systemctl or a cgroup hierarchy is missing")
+    require_scratch_manager(("unshare", "systemctl"))
     manager = ScratchManager(tmp_path / "manager")
     out = tmp_path / "caps.txt"
     try:
