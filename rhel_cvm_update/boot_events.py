@@ -30,14 +30,21 @@ class ImageMeasurement:
     path: str
     authenticode: Mapping[str, bytes]  # bank -> edk2 Authenticode (the PCR4 digest)
     linux_authenticode: Optional[Mapping[str, bytes]] = None  # UKI: the .linux payload
-    signer_certs: Tuple[bytes, ...] = ()  # DER certificates of its PKCS#7 signatures
-    sbat_level: Optional[bytes] = None  # shim: raw .sbatlevel section
+    # One entry per PKCS#7 signature, in certificate-table order: the DER certificates it
+    # carries.  The verifiers try signatures in this order (authority.py).
+    signatures: Tuple[Tuple[bytes, ...], ...] = ()
+    sbat_levels: Mapping[str, str] = dataclasses.field(default_factory=dict)  # shim: .sbatlevel
+    sbat: Optional[str] = None  # the .sbat CSV (shim checks its own against a new level)
     vendor_cert: Optional[bytes] = None  # shim: built-in vendor certificate (DER)
     kernel_version: Optional[str] = None
 
     @property
     def signed(self) -> bool:
-        return bool(self.signer_certs)
+        return bool(self.signatures)
+
+    @property
+    def signer_certs(self) -> Tuple[bytes, ...]:
+        return tuple(c for certs in self.signatures for c in certs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +85,10 @@ class Prediction:
     events: Tuple[PlannedEvent, ...]
     notes: Tuple[str, ...] = ()
     checked_against: str = "tpm"  # where the current chain's values were confirmed
+    # Every source asked: name -> {"ran", "pcr4", "pcr7", "error"}; and whether the sources
+    # that ran agree (None when only one ran).  Filled in by predict.predict_next_boot.
+    sources: Mapping[str, Mapping[str, object]] = dataclasses.field(default_factory=dict)
+    agreed: Optional[bool] = None
 
     @property
     def pcrs(self) -> Dict[int, bytes]:
@@ -94,6 +105,8 @@ class Prediction:
             "pcr7": sha256[7].hex() if 7 in sha256 else None,
             "banks": {b: {str(p): v.hex() for p, v in vals.items()} for b, vals in self.banks.items()},
             "checked_against": self.checked_against,
+            "sources": {name: dict(run) for name, run in self.sources.items()},
+            "agreed": self.agreed,
             "notes": list(self.notes),
             "events": [e.to_json() for e in self.events],
         }

@@ -22,6 +22,8 @@ ff14a9457c47412bbffb575b7197b38b  staged         new UKI sealed (keyslot+token),
                                                  BootNext written: reboot when convenient
 d06d675ed45c42acbedc19f37c64088a  nothing-to-do  the ESP changed but no chain is new
 ecace3dc1e394cf1a5b7a1dfddb9b93a  refused        no trustworthy prediction: nothing sealed
+33358ec199a24d8a8b360e5397715235  disagreed      the event log and the boot model predict
+                                                 different PCRs: nothing sealed
 2c8641cc7eba49a29dac7abc1ca54fd2  confirmed      the trial boot came up with the predicted
                                                  PCRs; its entry is now first in BootOrder
 46f146e909524beeb0acbac64ca554a0  trial-failed   the VM booted the old chain, not the staged
@@ -64,6 +66,7 @@ OUTCOMES: Dict[str, Outcome] = {o.name: o for o in (
     Outcome("staged", "ff14a9457c47412bbffb575b7197b38b", LOG_NOTICE),
     Outcome("nothing-to-do", "d06d675ed45c42acbedc19f37c64088a", LOG_INFO),
     Outcome("refused", "ecace3dc1e394cf1a5b7a1dfddb9b93a", LOG_WARNING),
+    Outcome("disagreed", "33358ec199a24d8a8b360e5397715235", LOG_ERR),
     Outcome("confirmed", "2c8641cc7eba49a29dac7abc1ca54fd2", LOG_NOTICE),
     Outcome("trial-failed", "46f146e909524beeb0acbac64ca554a0", LOG_WARNING),
     Outcome("removed", "a84bd4574226443dba8ee0f494078959", LOG_NOTICE),
@@ -440,7 +443,8 @@ class DaemonHooks:
         self.final_status = f"{command}: {result.outcome}" + (f" ({result.reason})" if result.reason else "")
         # staged and removed chains get one entry each below
         if result.outcome not in ("staged", "removed"):
-            self.log.outcome(result.outcome, self.final_status, COMMAND=command, REASON=result.reason, **fields)
+            outcome = "disagreed" if getattr(result, "refusal", None) == "sources-disagree" else result.outcome
+            self.log.outcome(outcome, self.final_status, COMMAND=command, REASON=result.reason, **fields)
 
     def _report_removed(self, removed: Sequence[Mapping[str, Any]]) -> None:
         for chain in removed:

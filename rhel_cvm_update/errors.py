@@ -54,6 +54,13 @@ class PredictionError(CvmUpdateError):
         super().__init__(text)
 
 
+class SourcesDisagreeError(PredictionError):
+    """The event log and the boot model both reproduce this boot but predict different
+    values for the next one: nothing is sealed (one of them is wrong)."""
+
+    kind = "sources-disagree"
+
+
 class MachineError(CvmUpdateError):
     """The TPM, efivarfs, the ESP or the LUKS header refused an operation."""
 

@@ -11,13 +11,13 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 from rhel_cvm_update.boot_events import ImageMeasurement
 from rhel_cvm_update.errors import FormatError
 from rhel_cvm_update.formats.pe import PEImage, authenticode_digests, certificates, section_bytes
-from rhel_cvm_update.formats.uki import UKI, is_uki
+from rhel_cvm_update.formats.uki import UKI, is_uki, pe_sbat, shim_sbat_levels
 from rhel_cvm_update.signers import certificates_from_pkcs7
 
 WIN_CERT_TYPE_PKCS_SIGNED_DATA = 0x0002
 # Variables next boot's PCR7 depends on (the model reads them; the log source compares them).
-POLICY_VARIABLE_NAMES = ("SecureBoot", "PK", "KEK", "db", "dbx", "dbt", "SbatLevelRT",
-                         "MokSBStateRT", "MokListRT")
+POLICY_VARIABLE_NAMES = ("SecureBoot", "PK", "KEK", "db", "dbx", "dbt", "SbatLevelRT", "SbatPolicy",
+                         "MokSBStateRT", "MokListRT", "MokListXRT")
 
 
 @contextlib.contextmanager
@@ -61,10 +61,9 @@ def measure_image(path: str, banks: Sequence[str]) -> ImageMeasurement:
     with mapped_file(path) as buf:
         pe = PEImage.parse(buf, path)
         authenticode = authenticode_digests(buf, banks, source=path, image=pe)
-        signer_certs: Tuple[bytes, ...] = ()
-        for cert in certificates(buf, pe):
-            if cert.certificate_type == WIN_CERT_TYPE_PKCS_SIGNED_DATA:
-                signer_certs += tuple(certificates_from_pkcs7(cert.data, source=f"{path} signature"))
+        signatures = tuple(tuple(certificates_from_pkcs7(cert.data, source=f"{path} signature {n}"))
+                           for n, cert in enumerate(certificates(buf, pe), 1)
+                           if cert.certificate_type == WIN_CERT_TYPE_PKCS_SIGNED_DATA)
         linux: Optional[Dict[str, bytes]] = None
         kernel_version = None
         if is_uki(pe):
@@ -72,11 +71,10 @@ def measure_image(path: str, banks: Sequence[str]) -> ImageMeasurement:
             linux = uki.linux_authenticode_digests(banks)
             kernel_version = uki.kernel_version
         # shim's sections have long names (string table), e.g. "/26" in the header.
-        sbat_section = pe.section_by_full_name(".sbatlevel")
         vendor_section = pe.section_by_full_name(".vendor_cert")
         return ImageMeasurement(
-            path=path, authenticode=authenticode, linux_authenticode=linux, signer_certs=signer_certs,
-            sbat_level=bytes(section_bytes(buf, sbat_section)) if sbat_section else None,
+            path=path, authenticode=authenticode, linux_authenticode=linux, signatures=signatures,
+            sbat_levels=shim_sbat_levels(buf, path, pe), sbat=pe_sbat(buf, pe),
             vendor_cert=shim_vendor_cert(bytes(section_bytes(buf, vendor_section)), f"{path}:.vendor_cert")
             if vendor_section else None,
             kernel_version=kernel_version)

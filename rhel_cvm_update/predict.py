@@ -1,16 +1,23 @@
 """Predict next boot's PCR4/PCR7: gather the inputs from the machine, run a source, and
 trust its answer only after it reproduced the live PCRs of the chain booted now.
 
-Sources, in the order ``auto`` tries them:
+Sources (``auto`` asks both):
   log   - the current TCG event log with the new digests substituted (predict_log.py);
   model - a model of the boot from the binaries and Secure Boot variables (predict_model.py),
           for when the log is missing, empty or inconsistent.
+
+The agreement rule (``agree``): each source is trusted only after it reproduced the live
+PCRs of the chain booted now; when both can run, their PCR4 and PCR7 must be equal or
+nothing is predicted (SourcesDisagreeError, naming both values and the first differing
+event).  When only one can run, the prediction says so in its notes.
 """
 
+import dataclasses
 import os
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple
 
-from rhel_cvm_update.errors import ConfigError, CvmUpdateError, FormatError, MachineError, PredictionError
+from rhel_cvm_update.errors import (ConfigError, CvmUpdateError, FormatError, MachineError, PredictionError,
+                                    SourcesDisagreeError)
 from rhel_cvm_update.formats import tcglog
 from rhel_cvm_update.formats.devpath import FilePathNode
 from rhel_cvm_update.formats.efi import EFI_GLOBAL_VARIABLE
@@ -108,9 +115,6 @@ def predict_next_boot(config, uki: str, shim: Optional[str] = None, source: str 
     ``live``: already-read live PCRs; ``offline``: no live check (log source only);
     ``booted_shim``: a copy of the shim that booted now, when a shim update has replaced it
     on the ESP (default: the shim on the ESP is the booted one)."""
-    from rhel_cvm_update.measure import measure_image, read_policy_variables
-    from rhel_cvm_update.predict_model import predict_from_model
-
     if source not in SOURCES:
         raise ConfigError(f"unknown prediction source {source!r}; use one of {', '.join(SOURCES)}")
     if efivarfs is None and os.path.isdir(config.efivars):
@@ -129,35 +133,109 @@ def predict_next_boot(config, uki: str, shim: Optional[str] = None, source: str 
             live = read_live_pcrs(tpm)
     banks = [b for b in SUPPORTED_BANKS if live is None or b in live]
 
-    failures: List[str] = []
+    runs: Dict[str, SourceRun] = {}
     if source in ("auto", "log"):
-        try:
-            return _from_log(config, event_log or config.event_log, live, banks, uki, next_shim,
-                             current_shim, efivarfs)
-        except (PredictionError, FormatError) as e:
-            if source == "log":
-                raise
-            failures.append(f"event log: {e}")
+        runs["log"] = _run_source(lambda: _from_log(config, event_log or config.event_log, live, banks, uki,
+                                                    next_shim, current_shim, efivarfs))
+    if source in ("auto", "model"):
+        runs["model"] = _run_source(lambda: _from_model(config, live, banks, uki, next_shim, booted_shim,
+                                                        efivarfs))
+    return agree(runs)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceRun:
+    """One source's answer: a prediction, or the error that stopped it."""
+
+    prediction: Optional["Prediction"] = None
+    error: Optional[CvmUpdateError] = None
+
+    def to_json(self) -> Dict[str, object]:
+        sha256 = self.prediction.banks["sha256"] if self.prediction else {}
+        return {"ran": self.prediction is not None,
+                "pcr4": sha256[4].hex() if 4 in sha256 else None,
+                "pcr7": sha256[7].hex() if 7 in sha256 else None,
+                "error": str(self.error) if self.error else None}
+
+
+def _run_source(work) -> SourceRun:
+    try:
+        return SourceRun(prediction=work())
+    except CvmUpdateError as e:  # it cannot explain this boot, or an input it needs is missing
+        return SourceRun(error=e)
+
+
+def agree(runs: Mapping[str, SourceRun]) -> "Prediction":
+    """The agreement rule: every source that can run must give the same PCR4 and PCR7 in every
+    bank they share; the preferred one (the log) is returned, with each source's answer."""
+    sources = {name: run.to_json() for name, run in runs.items()}
+    ran = [(name, run.prediction) for name, run in runs.items() if run.prediction is not None]
+    if not ran:
+        if len(runs) == 1:
+            raise next(iter(runs.values())).error
+        raise PredictionError("neither source can predict the next boot",
+                              details=[f"{'event log' if n == 'log' else n}: {r.error}" for n, r in runs.items()])
+    name, chosen = ran[0]
+    notes: List[str] = []
+    agreed: Optional[bool] = None
+    if len(ran) == 2:
+        (first, a), (second, b) = ran
+        difference = first_difference(a, b)
+        if difference:
+            raise SourcesDisagreeError(
+                f"the {first} and {second} sources disagree about the next boot, so neither is sealed to: "
+                f"{first} PCR4 {a.banks['sha256'][4].hex()} PCR7 {a.banks['sha256'][7].hex()}, "
+                f"{second} PCR4 {b.banks['sha256'][4].hex()} PCR7 {b.banks['sha256'][7].hex()}; "
+                f"first differing event: {difference}",
+                details=[f"{first}: {e.summary or e.event_type} {e.digests['sha256'].hex()[:16]} ({e.origin})"
+                         for e in a.events if e.pcr in (4, 7)]
+                + [f"{second}: {e.summary or e.event_type} {e.digests['sha256'].hex()[:16]} ({e.origin})"
+                   for e in b.events if e.pcr in (4, 7)])
+        agreed = True
+        notes.append(f"the {first} and {second} sources agree on PCR4 and PCR7")
+    elif len(runs) == 2:
+        other = next(n for n in runs if n != name)
+        notes.append(f"only the {name} source could run, so nothing cross-checked it; "
+                     f"the {other} source: {runs[other].error}")
+    return dataclasses.replace(chosen, notes=tuple(notes) + chosen.notes, sources=sources, agreed=agreed)
+
+
+def first_difference(a: "Prediction", b: "Prediction") -> Optional[str]:
+    """None when both give the same PCR4/PCR7 in every shared bank, else the first event
+    (per PCR, in order) where they part."""
+    banks = [bank for bank in a.banks if bank in b.banks]
+    if all(a.banks[bank].get(p) == b.banks[bank].get(p) for bank in banks for p in (4, 7)):
+        return None
+    for pcr in (4, 7):
+        if all(a.banks[bank].get(pcr) == b.banks[bank].get(pcr) for bank in banks):
+            continue
+        ours = [e for e in a.events if e.pcr == pcr]
+        theirs = [e for e in b.events if e.pcr == pcr]
+        for number, (x, y) in enumerate(zip(ours, theirs), 1):
+            if any(x.digests.get(bank) != y.digests.get(bank) for bank in banks):
+                return (f"PCR{pcr} event {number}: {a.source} has {x.summary or x.event_type} "
+                        f"{x.digests['sha256'].hex()[:16]}... ({x.origin}), {b.source} has "
+                        f"{y.summary or y.event_type} {y.digests['sha256'].hex()[:16]}... ({y.origin})")
+        return (f"PCR{pcr}: {a.source} has {len(ours)} events, {b.source} {len(theirs)}; the first "
+                f"{min(len(ours), len(theirs))} are the same")
+    return "the values differ"  # unreachable: some PCR differs above
+
+
+def _from_model(config, live: Optional[LivePcrs], banks: List[str], uki: str, next_shim: str,
+                booted_shim: Optional[str], efivarfs) -> "Prediction":
+    from rhel_cvm_update.measure import measure_image, read_policy_variables
+    from rhel_cvm_update.predict_model import predict_from_model
+
     if live is None:
         raise PredictionError("the model source needs the live PCRs to check itself against; "
-                              "it cannot run offline", details=failures)
+                              "it cannot run offline")
     if efivarfs is None:
-        raise PredictionError(f"the model source needs efivarfs ({config.efivars} is not a directory)",
-                              details=failures)
-    try:
-        booted_shim_file, booted_uki_file = booted_chain(efivarfs, config.esp)
-        booted_shim_file = booted_shim or booted_shim_file
-        measure = {path: measure_image(path, banks) for path in
-                   {booted_shim_file, booted_uki_file, next_shim, uki}}
-        prediction = predict_from_model(read_policy_variables(efivarfs), live,
-                                        measure[booted_shim_file], measure[booted_uki_file],
-                                        measure[next_shim], measure[uki])
-    except CvmUpdateError as e:
-        if not failures:
-            raise
-        raise PredictionError("neither source can predict the next boot",
-                              details=failures + [f"model: {e}"]) from None
-    return _with_notes(prediction, [f"the event log was not used: {f}" for f in failures])
+        raise PredictionError(f"the model source needs efivarfs ({config.efivars} is not a directory)")
+    booted_shim_file, booted_uki_file = booted_chain(efivarfs, config.esp)
+    booted_shim_file = booted_shim or booted_shim_file
+    measure = {path: measure_image(path, banks) for path in {booted_shim_file, booted_uki_file, next_shim, uki}}
+    return predict_from_model(read_policy_variables(efivarfs), live, measure[booted_shim_file],
+                              measure[booted_uki_file], measure[next_shim], measure[uki])
 
 
 def _from_log(config, log_path: str, live: Optional[LivePcrs], banks: List[str], uki: str,
@@ -174,10 +252,10 @@ def _from_log(config, log_path: str, live: Optional[LivePcrs], banks: List[str],
     if next_shim != current_shim:
         booted_m = measure_image(current_shim, banks) if os.path.exists(current_shim) else None
     efivars_now = read_policy_variables(efivarfs) if efivarfs is not None else None
-    return predict_from_log(log, live, shim_m, uki_m, booted_m, efivars_now, pcrs=(4, 7))
-
-
-def _with_notes(prediction: "Prediction", notes: List[str]) -> "Prediction":
-    import dataclasses
-
-    return dataclasses.replace(prediction, notes=tuple(notes) + prediction.notes)
+    booted_uki = None
+    if efivarfs is not None:
+        try:  # the booted UKI lets the authority rule be checked against this boot's events
+            booted_uki = measure_image(booted_chain(efivarfs, config.esp)[1], banks)
+        except CvmUpdateError:
+            booted_uki = None
+    return predict_from_log(log, live, shim_m, uki_m, booted_m, efivars_now, pcrs=(4, 7), booted_uki=booted_uki)

@@ -8,14 +8,19 @@ Steps (each refusal names the PCR and the event it cannot explain):
    firmware loaded), the UKI (shim's event: a lone File() device path), and, when the
    platform measures it, the kernel systemd-stub loaded from the UKI (Vendor 55c5d1f8...).
 3. ``plan_pcr4``: the same events, with the digests of the new shim, UKI and kernel.
-4. ``plan_pcr7``: the same events, after checking that each authority event would be
-   logged again unchanged (same allowlist anchor verifies the new images, same SBAT level),
-   and refreshing Secure Boot variables that changed since boot (pending db/dbx updates).
+4. ``plan_pcr7``: the Secure Boot variables as efivarfs has them now (pending db/dbx
+   updates), the separator, then the authority events the firmware and shim will log for the
+   new images (authority.py, the rule both sources share: a re-signed image with an
+   unchanged digest still changes PCR7), and the SbatLevel the new shim applies
+   (sbat_rule.py).  The rule is trusted only after it reproduced this boot's authority
+   events for the booted images, where those are known.
 """
 
 import dataclasses
 from typing import List, Mapping, Optional, Sequence, Tuple
 
+from rhel_cvm_update.authority import (Authority, ImageRefusedError, SecureBootDatabases, describe_record,
+                                       firmware_authorities, shim_authorities)
 from rhel_cvm_update.boot_events import (CALLING_EFI_APPLICATION, RETURNING_FROM_EFI_APPLICATION,
                                          ImageMeasurement, PlannedEvent, Prediction, bank_hash,
                                          compare_with_live, replay_planned)
@@ -23,8 +28,8 @@ from rhel_cvm_update.errors import FormatError, PredictionError
 from rhel_cvm_update.formats import tcglog
 from rhel_cvm_update.formats.devpath import (SYSTEMD_STUB_LINUX_VENDOR_GUID, EndNode, FilePathNode,
                                              VendorNode)
-from rhel_cvm_update.formats.efi import UefiVariableData
-from rhel_cvm_update.signers import anchor_verifies
+from rhel_cvm_update.formats.efi import EFI_GLOBAL_VARIABLE, SHIM_LOCK_GUID, UefiVariableData
+from rhel_cvm_update.sbat_rule import next_sbat_level
 
 BOOT_MANAGER_CODE_PCR = 4
 SECURE_BOOT_POLICY_PCR = 7
@@ -166,59 +171,136 @@ def plan_pcr4(log: tcglog.EventLog, chain: BootChain, shim: ImageMeasurement, uk
     return planned
 
 
-def _certificate_of(var: UefiVariableData) -> Optional[bytes]:
-    """The DER certificate an authority event names, or None (a hash allowlist entry).
-
-    shim's vendor certificate ("Shim") is logged as raw DER; db/MokListRT/vendor_db entries
-    as EFI_SIGNATURE_DATA (owner GUID + data)."""
-    from cryptography import x509
-
-    for der in (var.data, var.data[16:]):
-        try:
-            x509.load_der_x509_certificate(bytes(der))
-            return bytes(der)
-        except ValueError:
-            continue
-    return None
+def _variable_events(log: tcglog.EventLog, events) -> List[UefiVariableData]:
+    return [_variable(log, ev) for ev in events]
 
 
-def _subject(der: bytes) -> str:
-    from cryptography import x509
+class _Pcr7Plan:
+    """PCR7 of the next boot, event by event, from the current log (see ``plan_pcr7``)."""
 
-    return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    def __init__(self, log: tcglog.EventLog, chain: BootChain, banks: Sequence[str],
+                 efivars_now: Optional[EfiVarsNow]):
+        self.log, self.chain, self.banks, self.efivars_now = log, chain, banks, efivars_now
+        self.planned: List[PlannedEvent] = []
+        self.notes: List[str] = []
+        self.boot_vars = {}  # name -> data of the policy variables this boot measured
+        for ev in log.events:
+            if ev.pcr == SECURE_BOOT_POLICY_PCR and ev.event_type == tcglog.EV_EFI_VARIABLE_DRIVER_CONFIG:
+                var = _variable(log, ev)
+                self.boot_vars[(var.name, str(var.guid))] = var.data
+
+    def next_vars(self) -> EfiVarsNow:
+        """What next boot's verifiers read: efivarfs now, else what this boot measured."""
+        return self.efivars_now if self.efivars_now is not None else self.boot_vars
+
+    def secure_boot(self) -> bool:
+        logged = self.boot_vars.get(("SecureBoot", str(EFI_GLOBAL_VARIABLE)), b"")[:1] == b"\x01"
+        now = self.next_vars().get(("SecureBoot", str(EFI_GLOBAL_VARIABLE)), b"\x01" if logged else b"")
+        if logged != (now[:1] == b"\x01"):
+            state = {True: "on", False: "off"}
+            raise PredictionError(f"{self.log.source}: Secure Boot is {state[logged]} in this boot but "
+                                  f"{state[not logged]} in efivarfs: the log cannot predict a boot in "
+                                  f"the other mode")
+        return logged
+
+    def keep(self, ev: tcglog.TcgEvent, why: str = "unchanged") -> None:
+        self.planned.append(_unchanged(ev, self.banks, why))
+
+    def replace_block(self, logged: Sequence[tcglog.TcgEvent], wanted: Sequence[Authority],
+                      anchor: int, what: str) -> None:
+        """Authority events ``logged`` by one verifier become ``wanted``: kept when they are
+        the same records, rebuilt from the records otherwise."""
+        records = _variable_events(self.log, logged)
+        if records == [a.record for a in wanted]:
+            for ev, found in zip(logged, wanted):
+                self.keep(ev, f"{what}: the same {found.describe()}")
+            return
+        old = ", ".join(describe_record(r) for r in records) or "none"
+        new = ", ".join(a.describe() for a in wanted) or "none"
+        self.notes.append(f"PCR7: {what} changes from {old} to {new}")
+        for found in wanted:
+            data = found.record.to_bytes()
+            self.planned.append(PlannedEvent(SECURE_BOOT_POLICY_PCR, tcglog.EV_EFI_VARIABLE_AUTHORITY,
+                                             {b: bank_hash(b, data) for b in self.banks},
+                                             f"new authority event: {found.reason}",
+                                             f"{found.record.name} authority", anchor))
 
 
 def plan_pcr7(log: tcglog.EventLog, chain: BootChain, booted_shim: Optional[ImageMeasurement],
               shim: ImageMeasurement, uki: ImageMeasurement, banks: Sequence[str],
-              efivars_now: Optional[EfiVarsNow]) -> Tuple[List[PlannedEvent], List[str]]:
-    shim_changed = any(shim.authenticode.get(b) != chain.shim.digests.get(b) for b in banks)
+              efivars_now: Optional[EfiVarsNow],
+              booted_uki: Optional[ImageMeasurement] = None) -> Tuple[List[PlannedEvent], List[str]]:
+    """The events of PCR7 for the next boot.  Secure Boot variables are taken as efivarfs has
+    them now; the authority events of the firmware (for shim) and of shim (for the UKI) are
+    asked of the authority rule for the new images, after the rule reproduced the logged ones
+    for the booted images where those are known; SbatLevel follows shim's rule (sbat_rule)."""
     if booted_shim is not None and any(booted_shim.authenticode.get(b) != chain.shim.digests.get(b)
                                        for b in banks):
         booted_shim = None  # the shim file on disk is not the one that booted (updated since)
-    planned: List[PlannedEvent] = []
-    notes: List[str] = []
-    separator_seen = False
-    for ev in log.events:
-        if ev.pcr != SECURE_BOOT_POLICY_PCR or ev.event_type == tcglog.EV_NO_ACTION:
-            continue
-        if ev.event_type == tcglog.EV_SEPARATOR:
-            separator_seen = True
-            planned.append(_unchanged(ev, banks))
-        elif not separator_seen and ev.event_type == tcglog.EV_EFI_VARIABLE_DRIVER_CONFIG:
-            planned.append(_secure_boot_variable(log, ev, banks, efivars_now, notes))
-        elif ev.index < chain.calling.index:
-            planned.append(_unchanged(ev, banks, "logged before any boot option ran"))
-        elif ev.event_type != tcglog.EV_EFI_VARIABLE_AUTHORITY or ev.index > chain.uki.index:
-            raise PredictionError(f"{log.source}: PCR7 {_event_label(ev)} is not explained by a "
-                                  f"shim -> UKI boot; refusing to predict PCR7")
-        elif ev.index < chain.shim.index:
-            planned.append(_firmware_authority(log, ev, banks, shim, shim_changed))
+    if booted_uki is not None and any(booted_uki.authenticode.get(b) != chain.uki.digests.get(b) for b in banks):
+        booted_uki = None
+    plan = _Pcr7Plan(log, chain, banks, efivars_now)
+    secure_boot = plan.secure_boot()
+    pcr7 = [e for e in log.events if e.pcr == SECURE_BOOT_POLICY_PCR and e.event_type != tcglog.EV_NO_ACTION]
+    separator = next((e for e in pcr7 if e.event_type == tcglog.EV_SEPARATOR), None)
+    before_boot = [e for e in pcr7 if e.index < chain.calling.index]
+    firmware = [e for e in pcr7 if chain.calling.index < e.index < chain.shim.index]
+    by_shim = [e for e in pcr7 if chain.shim.index < e.index < chain.uki.index]
+    unexplained = [e for e in pcr7 if e.index > chain.uki.index
+                   or (e.index > chain.calling.index and e.event_type != tcglog.EV_EFI_VARIABLE_AUTHORITY)]
+    if separator is None or separator.index > chain.calling.index or unexplained:
+        bad = unexplained[0] if unexplained else separator
+        raise PredictionError(f"{log.source}: PCR7 {_event_label(bad) if bad else 'has no separator and'} is "
+                              f"not explained by a shim -> UKI boot; refusing to predict PCR7")
+    if not secure_boot and firmware + [e for e in by_shim if _variable(log, e).name not in SHIM_STATE_VARIABLES]:
+        raise PredictionError(f"{log.source}: Secure Boot is off, yet PCR7 has authority events for the boot "
+                              f"images; refusing to predict PCR7")
+    # Firmware: the policy variables, the separator, what it verified before the boot option.
+    for ev in before_boot:
+        if ev.event_type == tcglog.EV_EFI_VARIABLE_DRIVER_CONFIG and ev.index < separator.index:
+            plan.planned.append(_secure_boot_variable(log, ev, banks, efivars_now, plan.notes))
         else:
-            planned.append(_shim_authority(log, ev, banks, booted_shim, shim, shim_changed, uki))
+            plan.keep(ev, "logged before any boot option ran" if ev is not separator else "unchanged")
+    if secure_boot:
+        already = [_variable(log, e) for e in before_boot if e.event_type == tcglog.EV_EFI_VARIABLE_AUTHORITY]
+        _check_rule(log, firmware, booted_shim,
+                    lambda img: firmware_authorities(img, SecureBootDatabases.from_efivars(plan.boot_vars)),
+                    already, "the firmware's authority for the booted shim")
+        wanted = _without(firmware_authorities(shim, SecureBootDatabases.from_efivars(plan.next_vars())), already)
+        plan.replace_block(firmware, wanted, chain.shim.index, f"the db entry that verifies {shim.path}")
+    # shim: its own variables, then what verified the UKI.
+    state = [e for e in by_shim if _variable(log, e).name in SHIM_STATE_VARIABLES]
+    verified_uki = [e for e in by_shim if e not in state]
+    for ev in state:
+        var = _variable(log, ev)
+        if var.name == "SbatLevel":
+            plan.planned.append(_sbat_level(log, ev, var, booted_shim, shim, secure_boot, plan))
+        else:
+            plan.keep(ev, "MOK state unchanged")
+    if secure_boot:
+        # This boot's lists: db/dbx as logged; MokListRT only efivarfs shows (shim rebuilds it each boot).
+        at_boot = SecureBootDatabases.from_efivars({**(efivars_now or {}), **plan.boot_vars})
+        _check_rule(log, verified_uki, booted_uki,
+                    lambda img: shim_authorities(img, at_boot, (booted_shim or shim).vendor_cert, "the booted shim"),
+                    [], "the booted shim's authority for the booted UKI")
+        dbs = SecureBootDatabases.from_efivars(plan.next_vars())
+        try:
+            wanted = shim_authorities(uki, dbs, shim.vendor_cert, shim.path)
+        except ImageRefusedError as e:
+            if efivars_now is not None:
+                raise
+            raise PredictionError(
+                f"{log.source}: the running UKI was verified by "
+                f"{', '.join(describe_record(r) for r in _variable_events(log, verified_uki)) or 'nothing'}; "
+                f"{uki.path} ({e}) may be verified by a MokList entry, which only efivarfs can show") from None
+        plan.replace_block(verified_uki, wanted, chain.uki.index, f"the entry that verifies {uki.path}")
     if efivars_now is None:
-        notes.append("Secure Boot variables were not compared with efivarfs (none given): "
-                     "PCR7 assumes no pending db/dbx/KEK/PK change")
-    return planned, notes
+        plan.notes.append("Secure Boot variables were not compared with efivarfs (none given): "
+                          "PCR7 assumes no pending db/dbx/KEK/PK change")
+    return plan.planned, plan.notes
+
+
+SHIM_STATE_VARIABLES = ("SbatLevel", "MokSBState")
 
 
 def _variable(log: tcglog.EventLog, ev: tcglog.TcgEvent) -> UefiVariableData:
@@ -246,59 +328,58 @@ def _secure_boot_variable(log: tcglog.EventLog, ev: tcglog.TcgEvent, banks: Sequ
                         f"log #{ev.index} with {var.name} as efivarfs has it now", ev.type_name, ev.index)
 
 
-def _firmware_authority(log: tcglog.EventLog, ev: tcglog.TcgEvent, banks: Sequence[str],
-                        shim: ImageMeasurement, shim_changed: bool) -> PlannedEvent:
-    """The allowlist entry with which the firmware verified shim."""
-    if not shim_changed:
-        return _unchanged(ev, banks, "shim unchanged")
-    var = _variable(log, ev)
-    cert = _certificate_of(var)
-    if cert is None or not anchor_verifies(cert, shim.signer_certs):
-        raise PredictionError(
-            f"{log.source}: the firmware verified the running shim with {var.name} entry "
-            f"{_subject(cert) if cert else '(a hash)'} ({_event_label(ev)}), which does not verify "
-            f"{shim.path}: PCR7 would change in a way this tool does not predict")
-    return _unchanged(ev, banks, f"{shim.path} is verified by the same {var.name} entry")
+def _without(found: Sequence[Authority], already: Sequence[UefiVariableData]) -> List[Authority]:
+    """The firmware measures an entry once per boot: one that verified an earlier image
+    (an option ROM, a driver) is not logged again for shim."""
+    return [a for a in found if a.record not in already]
 
 
-def _shim_authority(log: tcglog.EventLog, ev: tcglog.TcgEvent, banks: Sequence[str],
-                    booted_shim: Optional[ImageMeasurement], shim: ImageMeasurement,
-                    shim_changed: bool, uki: ImageMeasurement) -> PlannedEvent:
-    """What shim logged: its SBAT level, MokSBState, and the entry that verified the UKI."""
-    var = _variable(log, ev)
-    if var.name == "SbatLevel":
-        if not shim_changed:
-            return _unchanged(ev, banks, "shim unchanged, same SBAT level")
-        if booted_shim is None or booted_shim.sbat_level is None or shim.sbat_level is None \
-                or booted_shim.sbat_level != shim.sbat_level:
-            raise PredictionError(
-                f"{log.source}: {shim.path} may apply a different SBAT level than the running shim "
-                f"({_event_label(ev)}): PCR7 would change in a way this tool does not predict")
-        return _unchanged(ev, banks, f"{shim.path} carries the same .sbatlevel")
-    if var.name in ("MokSBState",):
-        return _unchanged(ev, banks, "MOK state unchanged")
-    cert = _certificate_of(var)
-    if cert is None:
-        raise PredictionError(f"{log.source}: the running UKI was allowed by a hash in "
-                              f"{var.name} ({_event_label(ev)}); {uki.path} cannot match it")
-    if not anchor_verifies(cert, uki.signer_certs):
+def _check_rule(log: tcglog.EventLog, logged: Sequence[tcglog.TcgEvent], booted: Optional[ImageMeasurement],
+                rule, already: Sequence[UefiVariableData], what: str) -> None:
+    """Trust the authority rule for the next boot only if it reproduces this boot's events
+    (where the booted image is known)."""
+    if booted is None:
+        return
+    try:
+        expected = [a.record for a in _without(rule(booted), already)]
+    except PredictionError as e:
+        expected_text = f"a refusal ({e})"
+        expected = None
+    records = _variable_events(log, logged)
+    if expected != records:
+        if expected is not None:
+            expected_text = ", ".join(describe_record(r) for r in expected) or "no event"
         raise PredictionError(
-            f"{log.source}: the running UKI was verified by {var.name} certificate "
-            f"'{_subject(cert)}' ({_event_label(ev)}), but {uki.path} is "
-            f"{'not signed by it' if uki.signed else 'unsigned'}: PCR7 would change")
-    if shim_changed and var.name == "Shim" and shim.vendor_cert != cert:
-        raise PredictionError(f"{log.source}: the running UKI was verified by the running shim's "
-                              f"built-in certificate, which {shim.path} does not carry")
-    return _unchanged(ev, banks, f"{uki.path} is signed under the same {var.name} certificate")
+            f"{log.source}: {what} is logged as {', '.join(describe_record(r) for r in records) or 'no event'}, "
+            f"but the authority rule gives {expected_text}: this platform verifies images differently, "
+            f"so PCR7 cannot be predicted from its log")
+
+
+def _sbat_level(log: tcglog.EventLog, ev: tcglog.TcgEvent, var: UefiVariableData,
+                booted_shim: Optional[ImageMeasurement], shim: ImageMeasurement, secure_boot: bool,
+                plan: _Pcr7Plan) -> PlannedEvent:
+    policy = plan.next_vars().get(("SbatPolicy", str(SHIM_LOCK_GUID)))
+    same_shim = all(shim.authenticode.get(b) == plan.chain.shim.digests.get(b) for b in plan.banks)
+    value = next_sbat_level(var.data, shim.sbat_levels, shim.sbat, secure_boot, policy, shim.path,
+                            same_shim=same_shim)
+    if value == var.data:
+        return _unchanged(ev, plan.banks, f"{shim.path} keeps this SBAT level")
+    plan.notes.append(f"PCR7: {shim.path} raises SbatLevel from {var.data.splitlines()[0].decode('ascii', 'replace')} "
+                      f"to {value.splitlines()[0].decode('ascii', 'replace')}")
+    data = UefiVariableData(var.guid, var.name, value).to_bytes()
+    return PlannedEvent(ev.pcr, ev.event_type, {b: bank_hash(b, data) for b in plan.banks},
+                        f"log #{ev.index} with the SbatLevel {shim.path} applies", ev.type_name, ev.index)
 
 
 def predict_from_log(log: tcglog.EventLog, live: Optional[Mapping[str, Mapping[int, bytes]]],
                      shim: ImageMeasurement, uki: ImageMeasurement,
                      booted_shim: Optional[ImageMeasurement] = None,
                      efivars_now: Optional[EfiVarsNow] = None,
-                     pcrs: Sequence[int] = (4, 7)) -> Prediction:
+                     pcrs: Sequence[int] = (4, 7),
+                     booted_uki: Optional[ImageMeasurement] = None) -> Prediction:
     """Predict from the log.  ``live`` None means offline: the log is only required to be
-    internally consistent (every event carries every bank)."""
+    internally consistent (every event carries every bank).  ``booted_shim``/``booted_uki``:
+    the images that booted now, when known: the authority rule must reproduce their events."""
     if live is not None:
         check_log_explains_live(log, live, pcrs)
     banks = [b for b in log.banks if b in shim.authenticode and b in uki.authenticode]
@@ -312,7 +393,7 @@ def predict_from_log(log: tcglog.EventLog, live: Optional[Mapping[str, Mapping[i
         raise PredictionError(f"predicting PCR {unsupported} is not supported; only PCR4 and PCR7")
     chain = find_boot_chain(log)
     events = plan_pcr4(log, chain, shim, uki, banks)
-    pcr7, notes = plan_pcr7(log, chain, booted_shim, shim, uki, banks, efivars_now)
+    pcr7, notes = plan_pcr7(log, chain, booted_shim, shim, uki, banks, efivars_now, booted_uki)
     events = sorted(events + pcr7, key=lambda e: e.log_index)
     values = replay_planned(events, banks, [4, 7], log.startup_locality)
     if chain.kernel is None:

@@ -19,16 +19,15 @@ import dataclasses
 import itertools
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from rhel_cvm_update.authority import Authority, SecureBootDatabases, firmware_authorities, shim_authorities
 from rhel_cvm_update.boot_events import (CALLING_EFI_APPLICATION, SEPARATOR_DIGEST_DATA,
                                          ImageMeasurement, PlannedEvent, Prediction, digests_of,
                                          replay_planned)
-from rhel_cvm_update.errors import FormatError, PredictionError
+from rhel_cvm_update.errors import PredictionError
 from rhel_cvm_update.formats import tcglog
-from rhel_cvm_update.formats.efi import (EFI_CERT_SHA256_GUID, EFI_CERT_X509_GUID,
-                                         EFI_GLOBAL_VARIABLE, EFI_IMAGE_SECURITY_DATABASE_GUID,
-                                         SHIM_LOCK_GUID, SignatureData, UefiVariableData,
-                                         parse_signature_lists)
-from rhel_cvm_update.signers import anchor_verifies
+from rhel_cvm_update.formats.efi import (EFI_GLOBAL_VARIABLE, EFI_IMAGE_SECURITY_DATABASE_GUID, SHIM_LOCK_GUID,
+                                         UefiVariableData)
+from rhel_cvm_update.sbat_rule import next_sbat_level
 
 # Variables as efivarfs shows them now: (name, guid) -> data.  Next boot measures these.
 EfiVars = Mapping[Tuple[str, str], bytes]
@@ -60,35 +59,14 @@ def secure_boot_enabled(efivars: EfiVars) -> bool:
     return bool(value) and value[0] == 1
 
 
-def _signature_entries(efivars: EfiVars, name: str, guid) -> List[SignatureData]:
-    raw = _var(efivars, name, guid)
-    if not raw:
-        return []
-    try:
-        return parse_signature_lists(raw, source=f"efivar {name}")
-    except FormatError as e:
-        raise PredictionError(f"cannot read {name}: {e}") from None
-
-
-def _allowed_by(entries: Sequence[SignatureData], image: ImageMeasurement) -> Optional[SignatureData]:
-    """The first allowlist entry (in list order) that admits the image: a certificate that
-    anchors its signature, or its SHA-256 Authenticode hash."""
-    for entry in entries:
-        if entry.signature_type == EFI_CERT_X509_GUID and anchor_verifies(entry.data, image.signer_certs):
-            return entry
-        if entry.signature_type == EFI_CERT_SHA256_GUID and entry.data == image.authenticode.get("sha256"):
-            return entry
-    return None
-
-
 def _event(pcr: int, event_type: int, data: bytes, banks: Sequence[str], origin: str,
            summary: str) -> PlannedEvent:
     return PlannedEvent(pcr, event_type, digests_of(data, banks), origin, summary)
 
 
-def _authority(record: UefiVariableData, banks: Sequence[str], why: str) -> PlannedEvent:
-    return _event(7, tcglog.EV_EFI_VARIABLE_AUTHORITY, record.to_bytes(), banks,
-                  f"model: {why}", f"{record.name} authority")
+def _authority(found: Authority, banks: Sequence[str]) -> PlannedEvent:
+    return _event(7, tcglog.EV_EFI_VARIABLE_AUTHORITY, found.record.to_bytes(), banks,
+                  f"model: {found.reason}", f"{found.record.name} authority")
 
 
 def pcr4_events(shim: ImageMeasurement, uki: ImageMeasurement, variant: Variant,
@@ -113,7 +91,7 @@ def pcr4_events(shim: ImageMeasurement, uki: ImageMeasurement, variant: Variant,
 
 
 def pcr7_events(efivars: EfiVars, shim: ImageMeasurement, uki: ImageMeasurement, variant: Variant,
-                banks: Sequence[str]) -> List[PlannedEvent]:
+                banks: Sequence[str], booted_shim: Optional[ImageMeasurement] = None) -> List[PlannedEvent]:
     events = []
     variables = list(SECURE_BOOT_POLICY_VARIABLES)
     if _var(efivars, "dbt", EFI_IMAGE_SECURITY_DATABASE_GUID) is not None:
@@ -126,20 +104,17 @@ def pcr7_events(efivars: EfiVars, shim: ImageMeasurement, uki: ImageMeasurement,
     events.append(_event(7, tcglog.EV_SEPARATOR, SEPARATOR_DIGEST_DATA, banks, "model: separator",
                          "separator"))
     secure_boot = secure_boot_enabled(efivars)
-    db = _signature_entries(efivars, "db", EFI_IMAGE_SECURITY_DATABASE_GUID)
+    dbs = SecureBootDatabases.from_efivars(efivars) if secure_boot else SecureBootDatabases()
     if secure_boot:
-        entry = _allowed_by(db, shim)
-        if entry is None:
-            raise PredictionError(f"Secure Boot is on, but no db entry admits {shim.path}: "
-                                  f"the firmware would refuse it")
-        events.append(_authority(UefiVariableData(EFI_IMAGE_SECURITY_DATABASE_GUID, "db", entry.to_bytes()),
-                                 banks, f"the db entry that verifies {shim.path}"))
+        events += [_authority(a, banks) for a in firmware_authorities(shim, dbs)]
     # shim measures its own variables from the values it mirrors to the RT copies.
-    for measured, name in ((variant.sbat_level_event, "SbatLevel"), (variant.moksbstate_event, "MokSBState")):
-        if measured:
-            events.append(_shim_variable(efivars, name, banks))
+    if variant.sbat_level_event:
+        same_shim = booted_shim is not None and booted_shim.authenticode == shim.authenticode
+        events.append(_sbat_level(efivars, shim, secure_boot, banks, same_shim))
+    if variant.moksbstate_event:
+        events.append(_shim_variable(efivars, "MokSBState", banks))
     if secure_boot:
-        events.append(_uki_authority(efivars, db, shim, uki, banks))
+        events += [_authority(a, banks) for a in shim_authorities(uki, dbs, shim.vendor_cert, shim.path)]
     return events
 
 
@@ -147,29 +122,21 @@ def _shim_variable(efivars: EfiVars, name: str, banks: Sequence[str]) -> Planned
     value = _var(efivars, f"{name}RT", SHIM_LOCK_GUID)
     if value is None:
         raise PredictionError(f"shim measures {name}, but {name}RT is not in efivarfs")
-    return _authority(UefiVariableData(SHIM_LOCK_GUID, name, value), banks, f"shim's {name} ({name}RT)")
+    return _authority(Authority(UefiVariableData(SHIM_LOCK_GUID, name, value), f"shim's {name} ({name}RT)"),
+                      banks)
 
 
-def _uki_authority(efivars: EfiVars, db: Sequence[SignatureData], shim: ImageMeasurement,
-                   uki: ImageMeasurement, banks: Sequence[str]) -> PlannedEvent:
-    """shim's check_allowlist order: db, MokList, then its built-in vendor certificate."""
-    entry = _allowed_by(db, uki)
-    if entry is not None:
-        return _authority(UefiVariableData(EFI_IMAGE_SECURITY_DATABASE_GUID, "db", entry.to_bytes()),
-                          banks, f"the db entry that verifies {uki.path}")
-    # MokListRT mirrors MokList plus shim's vendor certificate appended: skip that addend,
-    # shim checks MokList itself, then the vendor certificate as "Shim".
-    mok = [e for e in _signature_entries(efivars, "MokListRT", SHIM_LOCK_GUID)
-           if shim.vendor_cert is None or e.data != shim.vendor_cert]
-    entry = _allowed_by(mok, uki)
-    if entry is not None:
-        return _authority(UefiVariableData(SHIM_LOCK_GUID, "MokListRT", entry.to_bytes()), banks,
-                          f"the MokList entry that verifies {uki.path}")
-    if shim.vendor_cert is not None and anchor_verifies(shim.vendor_cert, uki.signer_certs):
-        return _authority(UefiVariableData(SHIM_LOCK_GUID, "Shim", shim.vendor_cert), banks,
-                          f"{shim.path}'s built-in certificate verifies {uki.path}")
-    raise PredictionError(f"Secure Boot is on, but neither db, MokList nor {shim.path}'s built-in "
-                          f"certificate admits {uki.path}: shim would refuse to boot it")
+def _sbat_level(efivars: EfiVars, shim: ImageMeasurement, secure_boot: bool,
+                banks: Sequence[str], same_shim: bool) -> PlannedEvent:
+    """SbatLevelRT is the level this boot holds; shim may raise it (sbat_rule)."""
+    current = _var(efivars, "SbatLevelRT", SHIM_LOCK_GUID)
+    if current is None:
+        raise PredictionError("shim measures SbatLevel, but SbatLevelRT is not in efivarfs")
+    value = next_sbat_level(current, shim.sbat_levels, shim.sbat, secure_boot,
+                            _var(efivars, "SbatPolicy", SHIM_LOCK_GUID), shim.path, same_shim=same_shim)
+    why = "SbatLevelRT, kept" if value == current else f"the level {shim.path} applies"
+    return _authority(Authority(UefiVariableData(SHIM_LOCK_GUID, "SbatLevel", value), f"shim's SbatLevel: {why}"),
+                      banks)
 
 
 def _variants(efivars: EfiVars) -> List[Variant]:
@@ -190,7 +157,7 @@ def predict_from_model(efivars: EfiVars, live: Mapping[str, Mapping[int, bytes]]
     chosen: Dict[int, Variant] = {}
     for variant in _variants(efivars):
         events = pcr4_events(booted_shim, booted_uki, variant, banks) + \
-            pcr7_events(efivars, booted_shim, booted_uki, variant, banks)
+            pcr7_events(efivars, booted_shim, booted_uki, variant, banks, booted_shim)
         values = replay_planned(events, banks, [4, 7])
         for pcr in (4, 7):
             if pcr not in chosen and all(values[b][pcr] == live[b].get(pcr) for b in banks):
@@ -204,7 +171,8 @@ def predict_from_model(efivars: EfiVars, live: Mapping[str, Mapping[int, bytes]]
             f"(sha256 PCR4 {live['sha256'].get(4, b'').hex()}, PCR7 {live['sha256'].get(7, b'').hex()}) "
             f"for the chain booted now ({booted_shim.path} -> {booted_uki.path}); refusing to predict",
             details=tried)
-    events = pcr4_events(shim, uki, chosen[4], banks) + pcr7_events(efivars, shim, uki, chosen[7], banks)
+    events = pcr4_events(shim, uki, chosen[4], banks) + pcr7_events(efivars, shim, uki, chosen[7], banks,
+                                                                    booted_shim)
     notes = (f"PCR4 variant reproducing the live value: {chosen[4].describe()}",
              f"PCR7 variant reproducing the live value: {chosen[7].describe()}")
     return Prediction("model", uki.path, shim.path, replay_planned(events, banks, [4, 7]),

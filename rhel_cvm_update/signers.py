@@ -10,7 +10,7 @@ signature over the image digest: an image whose signature is broken does not boo
 Secure Boot on, whatever PCR7 would have been.
 """
 
-from typing import Iterable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from rhel_cvm_update.errors import FormatError
 
@@ -51,6 +51,20 @@ def _load(der: bytes):
         return None
 
 
+def certificate_subject(der: bytes) -> Optional[str]:
+    """The RFC 4514 subject of a DER certificate, or None when ``der`` is not one."""
+    cert = _load(der)
+    return None if cert is None else cert.subject.rfc4514_string()
+
+
+def tbs_sha256(der: bytes) -> Optional[bytes]:
+    """SHA-256 of the TBSCertificate, as a dbx EFI_CERT_X509_SHA256 entry names a certificate."""
+    import hashlib
+
+    cert = _load(der)
+    return None if cert is None else hashlib.sha256(cert.tbs_certificate_bytes).digest()
+
+
 def _issued_by(cert, issuer) -> bool:
     """Whether ``issuer``'s key signed ``cert`` (name match and signature check)."""
     from cryptography.exceptions import InvalidSignature
@@ -82,11 +96,3 @@ def anchor_verifies(anchor_der: bytes, image_certs: Sequence[bytes]) -> bool:
     if anchor is None:
         return False
     return any(cert is not None and _issued_by(cert, anchor) for cert in map(_load, image_certs))
-
-
-def first_anchor(candidates: Iterable[bytes], image_certs: Sequence[bytes]) -> Optional[bytes]:
-    """The first candidate (in the verifier's check order) that verifies the image."""
-    for der in candidates:
-        if anchor_verifies(der, image_certs):
-            return der
-    return None

@@ -195,6 +195,10 @@ def collect_status(config) -> Dict[str, Any]:
             will_unlock, why = False, "the shim on the ESP is not the one that booted now"
     elif next_entry:
         why = f"{next_entry} ({next_uki}) has no token of this tool"
+    notes: List[str] = []
+    if next_chain is not None and next_chain.get("sources_ran") is not None and next_chain.get("agreed") is None:
+        notes.append(f"the next boot's PCRs were predicted by the {' and '.join(next_chain['sources_ran'])} "
+                     f"source only: the other could not run, so nothing cross-checked them")
     if not will_unlock:
         attention.append(f"the next boot ({next_entry or 'none'}) may not unlock: {why}; run 'rhel-cvm-update update'")
 
@@ -226,7 +230,9 @@ def collect_status(config) -> Dict[str, Any]:
         "booted": {"entry": boot["boot_current"], "uki": booted_uki},
         "live_pcrs": {"source": live_source,
                       "sha256": {str(p): v.hex() for p, v in sorted(live.items())} if live else None},
-        "next_boot": {"entry": next_entry, "uki": next_uki, "will_unlock": will_unlock, "why": why},
+        "next_boot": {"entry": next_entry, "uki": next_uki, "will_unlock": will_unlock, "why": why,
+                      "prediction_sources": next_chain.get("sources_ran") if next_chain else None,
+                      "sources_agreed": next_chain.get("agreed") if next_chain else None},
         "staged": {"uki": staged["uki"], "entry": f"Boot{staged['entry']:04X}" if staged.get("entry") is not None
                    else None, "token": staged["token"]} if staged else None,
         "tokens": tokens,
@@ -240,5 +246,6 @@ def collect_status(config) -> Dict[str, Any]:
         "trial_failed": journal.get("trial_failed"),
         "last_result": last,
         "attention": attention,
+        "notes": notes,
         "errors": errors,
     }

@@ -461,7 +461,8 @@ def predict(machine: Machine, detected: Detected) -> List[Dict[str, Any]]:
             raise PredictionError(f"the prediction for {item['uki']} has no value for PCRs {missing}")
         crash_point("predict", "inside")
         predictions.append(dict(item, pcrs={p: bytes(prediction.pcrs[p]) for p in machine.config.pcrs},
-                                source=prediction.source))
+                                source=prediction.source, agreed=prediction.agreed,
+                                sources_ran=[n for n, r in prediction.sources.items() if r["ran"]]))
     return predictions
 
 
@@ -499,7 +500,8 @@ def seal(machine: Machine, journal: Journal, detected: Detected,
         journal.chains[item["key"]] = {
             "uki": item["uki"], "esp_path": item["esp_path"], "uki_digest": item["digest"],
             "shim_digest": detected.shim_digest, "pcrs": pcrs, "policy_hash": result["policy_hash"],
-            "source": item["source"], "token": result["token"], "keyslot": result["keyslot"],
+            "source": item["source"], "agreed": item.get("agreed"), "sources_ran": item.get("sources_ran"),
+            "token": result["token"], "keyslot": result["keyslot"],
             "entry": detected.boot_current if item["uki"] == detected.booted_uki else None,
             "status": "sealed", "adopted": False, "created": _now(), "confirmed": None,
             "serial": journal.next_serial(),
@@ -582,6 +584,7 @@ class UpdateResult:
     recovered: List[str]
     notes: List[str]
     reason: Optional[str] = None
+    refusal: Optional[str] = None     # the error kind of a refusal, e.g. "sources-disagree"
 
     def to_json(self) -> Dict[str, Any]:
         return dict(dataclasses.asdict(self), command="update")
@@ -663,7 +666,7 @@ def run_update(config, *, hooks=None, lock_timeout: Optional[float] = None) -> U
         except PredictionError as e:
             journal.finish()
             result = UpdateResult("refused", detected.booted_uki, detected.shim_changed, [], None, [],
-                                  recovered, detected.notes, reason=str(e))
+                                  recovered, detected.notes, reason=str(e), refusal=e.kind)
             _record_result(config, result.to_json())
             return result
         with hooks.critical():

@@ -183,7 +183,7 @@ def test_journal_fields_are_upper_case_text():
 
 def test_message_ids_are_distinct_128_bit_ids():
     ids = [o.message_id for o in daemon.OUTCOMES.values()]
-    assert len(set(ids)) == len(ids) == 7
+    assert len(set(ids)) == len(ids) == 8
     for i in ids:
         assert len(i) == 32 and int(i, 16) >= 0 and i == i.lower()
     assert set(daemon.OUTCOMES) == {"staged", "nothing-to-do", "refused", "confirmed", "trial-failed",

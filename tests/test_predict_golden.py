@@ -56,7 +56,7 @@ class Boot:
         return ImageMeasurement(
             path=uki["esp_path"], authenticode={"sha256": bytes.fromhex(uki["authenticode_sha256"])},
             linux_authenticode={"sha256": bytes.fromhex(uki["linux_section"]["authenticode_sha256"])},
-            signer_certs=self.signer_certs())
+            signatures=(self.signer_certs(),) if self.signer_certs() else ())
 
     def shim(self) -> ImageMeasurement:
         """The captured shim as recorded (pesign digest), with its certificates and

@@ -18,23 +18,42 @@ EFI_GLOBAL = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")
 DB_GUID = uuid.UUID("d719b2cb-3d3a-4596-a3bc-dad00e67656f")
 SHIM_LOCK = uuid.UUID("605dab50-e046-4300-abb6-3dd810dd8b23")
 SBAT = b"sbat,1,2021030218\n"
+OWNER = uuid.UUID("77fa9abd-0359-4d32-bd60-28f4e78f784b")
 
 
 def fake_digests(seed: bytes):
     return {b: hashlib.new(b, seed).digest() for b in BANKS}
 
 
-def image(name: str, seed: bytes, kernel_seed=None, certs=(), sbat_level=None, vendor_cert=None):
+def image(name: str, seed: bytes, kernel_seed=None, certs=(), levels=None, vendor_cert=None, signatures=None):
+    """``certs``: one signature carrying them; ``signatures``: several, in table order."""
+    if signatures is None:
+        signatures = (tuple(certs),) if certs else ()
     return ImageMeasurement(path=name, authenticode=fake_digests(seed),
                             linux_authenticode=fake_digests(kernel_seed) if kernel_seed else None,
-                            signer_certs=tuple(certs), sbat_level=sbat_level, vendor_cert=vendor_cert)
+                            signatures=tuple(tuple(s) for s in signatures),
+                            sbat_levels=levels if levels is not None else {"previous": SBAT.decode(), "latest": SBAT.decode()},
+                            vendor_cert=vendor_cert)
+
+
+def esl(*entries, signature_type=uuid.UUID("a5c059a1-94e4-4aa7-87b5-ab155c2bf072"), owner=OWNER):
+    """EFI_SIGNATURE_LISTs, one per entry (a DER certificate or a 32-byte hash)."""
+    import struct
+
+    out = b""
+    for data in entries:
+        kind = signature_type if len(data) != 32 else uuid.UUID("c1c41626-504c-4092-aca9-41f936934328")
+        size = 16 + len(data)
+        out += struct.pack("<16sIII", kind.bytes_le, 28 + size, 0, size) + owner.bytes_le + data
+    return out
 
 
 class Boot:
     """A shim -> UKI boot: the records of the log and the digests per PCR."""
 
     def __init__(self, shim, uki, kernel=True, secure_boot=False, uki_authority=None,
-                 shim_authority=None, db=b"db-contents", dbx=b"dbx-contents", extra_pcr4=()):
+                 shim_authority=None, db=b"db-contents", dbx=b"dbx-contents", extra_pcr4=(), sbat=SBAT,
+                 uki_db_authority=None):
         self.records = []
         self.pcr = {4: [], 7: []}
         sb = b"\x01" if secure_boot else b"\x00"
@@ -49,7 +68,9 @@ class Boot:
         self.add(4, lb.EV_EFI_BOOT_SERVICES_APPLICATION,
                  lb.image_load_data(lb.hd_node() + lb.file_node("\\EFI\\redhat\\shimx64.efi") + lb.END),
                  shim.authenticode)
-        self.add(7, lb.EV_EFI_VARIABLE_AUTHORITY, lb.variable_data(SHIM_LOCK, "SbatLevel", SBAT))
+        self.add(7, lb.EV_EFI_VARIABLE_AUTHORITY, lb.variable_data(SHIM_LOCK, "SbatLevel", sbat))
+        if uki_db_authority:
+            self.add(7, lb.EV_EFI_VARIABLE_AUTHORITY, lb.variable_data(DB_GUID, "db", uki_db_authority))
         if uki_authority:
             self.add(7, lb.EV_EFI_VARIABLE_AUTHORITY, lb.variable_data(SHIM_LOCK, "Shim", uki_authority))
         self.add(4, lb.EV_EFI_BOOT_SERVICES_APPLICATION,
@@ -73,7 +94,7 @@ class Boot:
         return {b: {p: lb.extend_chain(b, [d[b] for d in ds]) for p, ds in self.pcr.items()} for b in BANKS}
 
 
-SHIM = image("shim", b"shim", sbat_level=b"level-a")
+SHIM = image("shim", b"shim")
 UKI_A = image("uki-a", b"uki-a", b"kernel-a")
 UKI_B = image("uki-b", b"uki-b", b"kernel-b")
 
@@ -142,65 +163,159 @@ def test_unknown_boot_application_after_uki_is_refused():
 
 
 def test_new_shim_with_same_sbat_level_keeps_pcr7_and_changes_pcr4():
-    new_shim = image("shim-new", b"shim-new", sbat_level=b"level-a")
+    new_shim = image("shim-new", b"shim-new")
     current = Boot(SHIM, UKI_A)
     prediction = predict_from_log(current.log(), current.pcrs(), new_shim, UKI_A, booted_shim=SHIM)
     assert prediction.pcrs[4] == Boot(new_shim, UKI_A).pcrs()["sha256"][4]
     assert prediction.pcrs[7] == current.pcrs()["sha256"][7]
 
 
-@pytest.mark.parametrize("booted", [None, image("shim", b"not-the-booted-one", sbat_level=b"level-a")])
-def test_new_shim_without_known_booted_shim_is_refused(booted):
-    new_shim = image("shim-new", b"shim-new", sbat_level=b"level-a")
+def test_secure_boot_off_resets_the_sbat_level_whatever_the_new_shim_embeds():
+    newer = "sbat,1,2025021800\nshim,4\ngrub,5\n"
+    new_shim = image("shim-new", b"shim-new", levels={"previous": newer, "latest": newer})
     current = Boot(SHIM, UKI_A)
-    with pytest.raises(PredictionError, match="SBAT level"):
-        predict_from_log(current.log(), current.pcrs(), new_shim, UKI_A, booted_shim=booted)
+    prediction = predict_from_log(current.log(), current.pcrs(), new_shim, UKI_A)
+    assert prediction.pcrs[7] == current.pcrs()["sha256"][7]
 
 
-def test_new_shim_with_other_sbat_level_is_refused():
-    new_shim = image("shim-new", b"shim-new", sbat_level=b"level-b")
-    current = Boot(SHIM, UKI_A)
-    with pytest.raises(PredictionError, match="SBAT level"):
-        predict_from_log(current.log(), current.pcrs(), new_shim, UKI_A, booted_shim=SHIM)
+def test_new_shim_without_sbatlevel_is_refused(pki):
+    current = SecureBootBoot(pki)
+    new_shim = image("shim-new", b"shim-new", certs=[der(pki["leaf1"][0])], levels={})
+    with pytest.raises(PredictionError, match="no .sbatlevel"):
+        current.predict(new_shim, current.uki)
 
 
 @pytest.fixture(scope="module")
 def pki():
-    ca = make_cert("Vendor Secure Boot CA")
-    return {"ca": ca, "signer": make_cert("Vendor Secure Boot Signing", issuer=ca),
+    ca1, ca2 = make_cert("Test UEFI CA 2011"), make_cert("Test UEFI CA 2023")
+    return {"ca1": ca1, "ca2": ca2,
+            "leaf1": make_cert("Shim signer 2011", issuer=ca1), "leaf2": make_cert("Shim signer 2023", issuer=ca2),
             "other": make_cert("Someone Else")}
 
 
+class SecureBootBoot:
+    """A Secure Boot log whose authority events are computed here from db = [CA1, CA2] (by
+    the firmware's and shim's documented order), not by the code under test."""
+
+    def __init__(self, pki, shim_signatures=(("leaf1",),), uki_signer="leaf1", db=("ca1", "ca2"),
+                 dbx=b"", sbat=SBAT):
+        self.pki = pki
+        certs = lambda names: tuple(der(pki[n][0]) for n in names)  # noqa: E731
+        self.db = esl(*[der(pki[n][0]) for n in db])
+        self.dbx = dbx
+        self.shim = image("shim", b"shim", signatures=[certs(s) for s in shim_signatures])
+        self.uki = image("uki-a", b"uki-a", b"kernel-a", certs=certs([uki_signer]))
+        self.sbat = sbat
+        self.boot = Boot(self.shim, self.uki, secure_boot=True, db=self.db, dbx=dbx,
+                         shim_authority=self.entry(self.anchor_of(shim_signatures[0][0])),
+                         uki_authority=None, sbat=sbat,
+                         uki_db_authority=self.entry(self.anchor_of(uki_signer)))
+
+    def anchor_of(self, leaf):
+        return {"leaf1": "ca1", "leaf2": "ca2"}[leaf]
+
+    def entry(self, ca):
+        return OWNER.bytes_le + der(self.pki[ca][0])
+
+    def efivars(self, db=None, dbx=None):
+        return {("SecureBoot", str(EFI_GLOBAL)): b"\x01", ("PK", str(EFI_GLOBAL)): b"pk",
+                ("KEK", str(EFI_GLOBAL)): b"kek", ("db", str(DB_GUID)): self.db if db is None else db,
+                ("dbx", str(DB_GUID)): self.dbx if dbx is None else dbx,
+                ("SbatLevelRT", str(SHIM_LOCK)): self.sbat}
+
+    def predict(self, shim, uki, **kw):
+        kw.setdefault("efivars_now", self.efivars())
+        return predict_from_log(self.boot.log(), self.boot.pcrs(), shim, uki, booted_shim=self.shim,
+                                booted_uki=self.uki, **kw)
+
+
 def test_secure_boot_uki_signed_under_same_certificate_keeps_pcr7(pki):
-    ca, signer = der(pki["ca"][0]), der(pki["signer"][0])
-    uki_a = image("uki-a", b"uki-a", b"kernel-a", certs=[signer])
-    uki_b = image("uki-b", b"uki-b", b"kernel-b", certs=[signer])
-    current = Boot(SHIM, uki_a, kernel=False, secure_boot=True, uki_authority=ca)
-    prediction = predict_from_log(current.log(), current.pcrs(), SHIM, uki_b)
-    assert prediction.pcrs[7] == current.pcrs()["sha256"][7]
-    assert prediction.pcrs[4] == Boot(SHIM, uki_b, kernel=False).pcrs()["sha256"][4]
-    assert any("same Shim certificate" in e.origin for e in prediction.events)
+    current = SecureBootBoot(pki)
+    uki_b = image("uki-b", b"uki-b", b"kernel-b", certs=[der(pki["leaf1"][0])])
+    prediction = current.predict(current.shim, uki_b)
+    assert prediction.pcrs[7] == current.boot.pcrs()["sha256"][7]
+    assert prediction.pcrs[4] != current.boot.pcrs()["sha256"][4]
+
+
+def test_shim_re_signed_by_the_other_ca_changes_pcr7_to_the_real_event(pki):
+    """The bug of issue 13: same Authenticode digest, other signer, other PCR7."""
+    current = SecureBootBoot(pki)
+    resigned = image("shim", b"shim", certs=[der(pki["leaf2"][0])])
+    prediction = current.predict(resigned, current.uki)
+    expected = SecureBootBoot(pki, shim_signatures=(("leaf2",),))
+    assert prediction.pcrs[7] == expected.boot.pcrs()["sha256"][7] != current.boot.pcrs()["sha256"][7]
+    assert prediction.pcrs[4] == current.boot.pcrs()["sha256"][4]
+    assert any("changes from db certificate 'CN=Test UEFI CA 2011'" in n for n in prediction.notes)
+
+
+def test_dual_signed_shim_is_verified_by_its_first_signature_not_the_first_db_entry(pki):
+    current = SecureBootBoot(pki)
+    dual = image("shim", b"shim", signatures=[[der(pki["leaf2"][0])], [der(pki["leaf1"][0])]])
+    prediction = current.predict(dual, current.uki)
+    expected = SecureBootBoot(pki, shim_signatures=(("leaf2",), ("leaf1",)))
+    assert prediction.pcrs[7] == expected.boot.pcrs()["sha256"][7]
+
+
+def test_uki_re_signed_changes_shims_authority_event(pki):
+    current = SecureBootBoot(pki)
+    uki_b = image("uki-b", b"uki-b", b"kernel-b", certs=[der(pki["leaf2"][0])])
+    prediction = current.predict(current.shim, uki_b)
+    assert prediction.pcrs[7] == SecureBootBoot(pki, uki_signer="leaf2").boot.pcrs()["sha256"][7]
 
 
 @pytest.mark.parametrize("certs", ["other", "unsigned"])
-def test_secure_boot_uki_with_other_signer_is_refused(pki, certs):
-    ca, signer = der(pki["ca"][0]), der(pki["signer"][0])
-    uki_a = image("uki-a", b"uki-a", b"kernel-a", certs=[signer])
-    uki_b = image("uki-b", b"uki-b", b"kernel-b",
-                  certs=[der(pki["other"][0])] if certs == "other" else [])
-    current = Boot(SHIM, uki_a, kernel=False, secure_boot=True, uki_authority=ca)
-    with pytest.raises(PredictionError, match="PCR7 would change"):
-        predict_from_log(current.log(), current.pcrs(), SHIM, uki_b)
+def test_secure_boot_uki_nobody_admits_is_refused(pki, certs):
+    current = SecureBootBoot(pki)
+    uki_b = image("uki-b", b"uki-b", b"kernel-b", certs=[der(pki["other"][0])] if certs == "other" else [])
+    with pytest.raises(PredictionError, match="shim would refuse"):
+        current.predict(current.shim, uki_b)
 
 
-def test_new_shim_must_be_verified_by_the_same_db_entry(pki):
-    ca = der(pki["ca"][0])
-    owner = uuid.UUID("77fa9abd-0359-4d32-bd60-28f4e78f784b").bytes_le
-    shim_a = image("shim", b"shim", sbat_level=b"l", certs=[der(pki["signer"][0])])
-    shim_b = image("shim-b", b"shim-b", sbat_level=b"l", certs=[der(pki["other"][0])])
-    current = Boot(shim_a, UKI_A, secure_boot=True, shim_authority=owner + ca)
-    with pytest.raises(PredictionError, match="does not verify"):
-        predict_from_log(current.log(), current.pcrs(), shim_b, UKI_A, booted_shim=shim_a)
+def test_dbx_revoking_the_new_signer_refuses_the_shim(pki):
+    current = SecureBootBoot(pki)
+    dual = image("shim", b"shim", signatures=[[der(pki["leaf2"][0])], [der(pki["leaf1"][0])]])
+    dbx = esl(der(pki["ca1"][0]))
+    with pytest.raises(PredictionError, match="dbx revokes its signature 2"):
+        current.predict(dual, current.uki, efivars_now=current.efivars(dbx=dbx))
+
+
+def test_dbx_revoking_the_old_signer_with_a_re_signed_shim_is_predicted(pki):
+    current = SecureBootBoot(pki)
+    resigned = image("shim", b"shim", certs=[der(pki["leaf2"][0])])
+    uki_b = image("uki-b", b"uki-b", b"kernel-b", certs=[der(pki["leaf2"][0])])
+    dbx = esl(der(pki["ca1"][0]))
+    prediction = current.predict(resigned, uki_b, efivars_now=current.efivars(dbx=dbx))
+    expected = SecureBootBoot(pki, shim_signatures=(("leaf2",),), uki_signer="leaf2", dbx=dbx)
+    assert prediction.pcrs[7] == expected.boot.pcrs()["sha256"][7]
+
+
+def test_newer_sbatlevel_of_the_new_shim_is_predicted(pki):
+    current = SecureBootBoot(pki)
+    newer = "sbat,1,2025021800\nshim,4\ngrub,5\n"
+    new_shim = image("shim-new", b"shim-new", certs=[der(pki["leaf1"][0])],
+                     levels={"previous": newer, "latest": newer})
+    prediction = current.predict(new_shim, current.uki)
+    expected = SecureBootBoot(pki, sbat=newer.encode())
+    assert prediction.pcrs[7] == expected.boot.pcrs()["sha256"][7]
+    assert any("raises SbatLevel" in n for n in prediction.notes)
+
+
+def test_older_sbatlevel_of_the_new_shim_keeps_the_current_level(pki):
+    newer = b"sbat,1,2025021800\nshim,4\ngrub,5\n"
+    current = SecureBootBoot(pki, sbat=newer)
+    old_shim = image("shim-old", b"shim-old", certs=[der(pki["leaf1"][0])])
+    prediction = current.predict(old_shim, current.uki)
+    assert prediction.pcrs[7] == current.boot.pcrs()["sha256"][7]
+
+
+def test_logged_authority_the_rule_does_not_reproduce_is_refused(pki):
+    """The log says CA1 verified the booted shim, but the booted shim given is signed under
+    CA2 only: the rule does not reproduce this boot, so it is not trusted for the next."""
+    current = SecureBootBoot(pki)
+    liar = image("shim", b"shim", certs=[der(pki["leaf2"][0])])
+    with pytest.raises(PredictionError, match="authority rule gives"):
+        predict_from_log(current.boot.log(), current.boot.pcrs(), current.shim, current.uki,
+                         booted_shim=liar, efivars_now=current.efivars())
 
 
 def test_changed_dbx_is_predicted_from_efivarfs():

@@ -28,7 +28,7 @@ def esl(cert_der: bytes) -> bytes:
 def efivars(secure_boot=False, db=b"", sbat=SBAT):
     out = {("SecureBoot", str(EFI_GLOBAL)): b"\x01" if secure_boot else b"\x00",
            ("PK", str(EFI_GLOBAL)): b"pk", ("KEK", str(EFI_GLOBAL)): b"kek",
-           ("db", str(DB_GUID)): db, ("dbx", str(DB_GUID)): b"dbx"}
+           ("db", str(DB_GUID)): db, ("dbx", str(DB_GUID)): b""}
     if sbat is not None:
         out[("SbatLevelRT", str(SHIM_LOCK))] = sbat
     return out
@@ -95,3 +95,26 @@ def test_secure_boot_on_with_db_and_vendor_authorities():
     unsigned = image("uki-c", b"uki-c", b"kernel-c")
     with pytest.raises(PredictionError, match="shim would refuse"):
         predict_from_model(variables, live, shim, uki_a, shim, unsigned)
+
+
+def test_model_predicts_a_re_signed_and_a_dual_signed_shim():
+    """Same Authenticode digest, other signer(s): the authority event follows the signatures."""
+    ca1, ca2 = make_cert("CA 2011"), make_cert("CA 2023")
+    leaf1, leaf2 = der(make_cert("signer 2011", issuer=ca1)[0]), der(make_cert("signer 2023", issuer=ca2)[0])
+    levels = {"previous": SBAT.decode(), "latest": SBAT.decode()}
+    shim_a = image("shim", b"shim", certs=[leaf1], levels=levels)
+    resigned = image("shim", b"shim", certs=[leaf2], levels=levels)
+    dual = image("shim", b"shim", signatures=[[leaf2], [leaf1]], levels=levels)
+    uki = image("uki-a", b"uki-a", b"kernel-a", certs=[leaf1])
+    db = esl(der(ca1[0])) + esl(der(ca2[0]))
+    variables = efivars(secure_boot=True, db=db)
+
+    def authorities(shim_ca):
+        return [(DB_GUID, "db", OWNER.bytes_le + der(shim_ca[0])), (SHIM_LOCK, "SbatLevel", SBAT),
+                (DB_GUID, "db", OWNER.bytes_le + der(ca1[0]))]
+
+    live = expected_pcrs(variables, shim_a, uki, False, authorities(ca1))
+    for new_shim in (resigned, dual):
+        prediction = predict_from_model(variables, live, shim_a, uki, new_shim, uki)
+        assert prediction.banks == expected_pcrs(variables, new_shim, uki, False, authorities(ca2))
+        assert prediction.banks["sha256"][7] != live["sha256"][7]

@@ -482,3 +482,31 @@ def test_many_new_ukis_seal_only_the_newest_that_can_be_kept(sandbox):
     assert sealed == ["uki-b.efi", "uki-v4.efi"]
     assert sum("not sealed" in n for n in out["notes"]) == 3
     assert len(cvm.luks_json()["tokens"]) == 3  # cryptenroll's + two
+
+
+def test_sources_that_disagree_seal_nothing_and_status_names_both(sandbox, monkeypatch):
+    """Fault injection: a second source that reproduces this boot but predicts another PCR7
+    (the log source's own answer with PCR7 zeroed).  Nothing is written anywhere."""
+    import dataclasses
+
+    import rhel_cvm_update.predict as predict
+
+    def disagreeing_model(config, live, banks, uki, next_shim, booted_shim, efivarfs):
+        prediction = predict._from_log(config, config.event_log, live, banks, uki, next_shim,
+                                       booted_shim or predict.shim_path(config), efivarfs)
+        return dataclasses.replace(prediction, source="model", banks={
+            b: {**v, 7: bytes(len(v[7]))} for b, v in prediction.banks.items()})
+
+    cvm = sandbox
+    cvm.install_uki("b")
+    monkeypatch.setattr(predict, "_from_model", disagreeing_model)
+    header, variables = header_bytes(str(cvm.luks)), efivars_snapshot(cvm)
+    result = run_update(cvm.config())
+    assert result.outcome == "refused" and result.refusal == "sources-disagree"
+    assert "log PCR4" in result.reason and "model PCR4" in result.reason
+    assert "first differing event: PCR7" in result.reason
+    assert header_bytes(str(cvm.luks)) == header and efivars_snapshot(cvm) == variables
+    status = cli(cvm, "status", "--json")
+    assert status.returncode == 1
+    attention = " ".join(json.loads(status.stdout)["attention"])
+    assert "disagree" in attention and "0" * 64 in attention

@@ -45,6 +45,8 @@ def describe_status(status) -> str:
     last = status["last_result"]
     if last:
         lines.append(f"Last result: {last.get('command')} {last.get('outcome')} at {last.get('finished')}")
+    for n in status.get("notes", []):
+        lines.append(f"Note: {n}")
     for a in status["attention"]:
         lines.append(f"ATTENTION: {a}")
     for e in status["errors"]:

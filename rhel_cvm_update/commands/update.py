@@ -77,4 +77,7 @@ def run(args, config) -> int:
         print_json(result.to_json())
     else:
         print(describe_update(result))
-    return 1 if result.outcome == "refused" else 0
+    if result.outcome == "refused":
+        # Two sources that disagree is an error (one of them is wrong), not a wait for input.
+        return 2 if result.refusal == "sources-disagree" else 1
+    return 0

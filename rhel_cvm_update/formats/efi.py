@@ -15,6 +15,8 @@ EFI_IMAGE_SECURITY_DATABASE_GUID = uuid.UUID("d719b2cb-3d3a-4596-a3bc-dad00e6765
 SHIM_LOCK_GUID = uuid.UUID("605dab50-e046-4300-abb6-3dd810dd8b23")
 EFI_CERT_X509_GUID = uuid.UUID("a5c059a1-94e4-4aa7-87b5-ab155c2bf072")
 EFI_CERT_SHA256_GUID = uuid.UUID("c1c41626-504c-4092-aca9-41f936934328")
+# dbx: SHA-256 of a certificate's TBSCertificate (+ revocation time), revoking that certificate.
+EFI_CERT_X509_SHA256_GUID = uuid.UUID("3bd2a492-96c0-4079-b420-fcf98ef103ed")
 
 # Which GUID each Secure Boot variable lives under (UEFI 2.10 section 3.3 and 32.6).
 SECURE_BOOT_VARIABLE_GUIDS = {
