@@ -186,7 +186,7 @@ def test_message_ids_are_distinct_128_bit_ids():
     assert len(set(ids)) == len(ids) == 8
     for i in ids:
         assert len(i) == 32 and int(i, 16) >= 0 and i == i.lower()
-    assert set(daemon.OUTCOMES) == {"staged", "nothing-to-do", "refused", "confirmed", "trial-failed",
+    assert set(daemon.OUTCOMES) == {"staged", "nothing-to-do", "refused", "disagreed", "confirmed", "trial-failed",
                                     "removed", "failed"}
     # every ID is documented in the module docstring
     for o in daemon.OUTCOMES.values():
