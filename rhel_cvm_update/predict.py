@@ -24,7 +24,7 @@ from rhel_cvm_update.formats.efi import EFI_GLOBAL_VARIABLE
 from rhel_cvm_update.formats.loadopt import LoadOption, boot_variable_name
 
 if TYPE_CHECKING:
-    from rhel_cvm_update.boot_events import Prediction
+    from rhel_cvm_update.boot_events import ImageMeasurement, Prediction
 
 # The prediction sources and the image measurement (PE, PKCS#7 through `cryptography`) are
 # imported by the functions that predict: `status` and `update` use the helpers below
@@ -133,14 +133,42 @@ def predict_next_boot(config, uki: str, shim: Optional[str] = None, source: str 
             live = read_live_pcrs(tpm)
     banks = [b for b in SUPPORTED_BANKS if live is None or b in live]
 
+    inputs = SourceInputs(config.esp, efivarfs)
     runs: Dict[str, SourceRun] = {}
     if source in ("auto", "log"):
         runs["log"] = _run_source(lambda: _from_log(config, event_log or config.event_log, live, banks, uki,
-                                                    next_shim, current_shim, efivarfs))
+                                                    next_shim, current_shim, inputs))
     if source in ("auto", "model"):
-        runs["model"] = _run_source(lambda: _from_model(config, live, banks, uki, next_shim, booted_shim,
-                                                        efivarfs))
+        runs["model"] = _run_source(lambda: _from_model(config, live, banks, uki, next_shim, booted_shim, inputs))
     return agree(runs)
+
+
+class SourceInputs:
+    """What both sources read from the machine, read once: a 100 MiB UKI is hashed once per
+    prediction, not once per source."""
+
+    def __init__(self, esp: str, efivarfs):
+        self.esp, self.efivarfs = esp, efivarfs
+        self._images: Dict[Tuple[str, Tuple[str, ...]], "ImageMeasurement"] = {}
+        self._variables: Optional[Dict[Tuple[str, str], bytes]] = None
+
+    def image(self, path: str, banks: List[str]) -> "ImageMeasurement":
+        from rhel_cvm_update.measure import measure_image
+
+        key = (path, tuple(banks))
+        if key not in self._images:
+            self._images[key] = measure_image(path, banks)
+        return self._images[key]
+
+    def policy_variables(self) -> Optional[Dict[Tuple[str, str], bytes]]:
+        from rhel_cvm_update.measure import read_policy_variables
+
+        if self._variables is None and self.efivarfs is not None:
+            self._variables = read_policy_variables(self.efivarfs)
+        return self._variables
+
+    def booted_chain(self) -> Tuple[str, str]:
+        return booted_chain(self.efivarfs, self.esp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,10 +215,8 @@ def agree(runs: Mapping[str, SourceRun]) -> "Prediction":
                 f"{first} PCR4 {a.banks['sha256'][4].hex()} PCR7 {a.banks['sha256'][7].hex()}, "
                 f"{second} PCR4 {b.banks['sha256'][4].hex()} PCR7 {b.banks['sha256'][7].hex()}; "
                 f"first differing event: {difference}",
-                details=[f"{first}: {e.summary or e.event_type} {e.digests['sha256'].hex()[:16]} ({e.origin})"
-                         for e in a.events if e.pcr in (4, 7)]
-                + [f"{second}: {e.summary or e.event_type} {e.digests['sha256'].hex()[:16]} ({e.origin})"
-                   for e in b.events if e.pcr in (4, 7)])
+                details=[f"{p.source}: {e.summary or e.event_type} {e.digests['sha256'].hex()[:16]} ({e.origin})"
+                         for p in (a, b) for e in p.events if e.pcr in (4, 7)])
         agreed = True
         notes.append(f"the {first} and {second} sources agree on PCR4 and PCR7")
     elif len(runs) == 2:
@@ -218,44 +244,38 @@ def first_difference(a: "Prediction", b: "Prediction") -> Optional[str]:
                         f"{y.summary or y.event_type} {y.digests['sha256'].hex()[:16]}... ({y.origin})")
         return (f"PCR{pcr}: {a.source} has {len(ours)} events, {b.source} {len(theirs)}; the first "
                 f"{min(len(ours), len(theirs))} are the same")
-    return "the values differ"  # unreachable: some PCR differs above
+    # Same events, other values: the sources start PCRs differently (the log's startup locality).
+    return "the same events replay to other values (a different PCR start value)"
 
 
 def _from_model(config, live: Optional[LivePcrs], banks: List[str], uki: str, next_shim: str,
-                booted_shim: Optional[str], efivarfs) -> "Prediction":
-    from rhel_cvm_update.measure import measure_image, read_policy_variables
+                booted_shim: Optional[str], inputs: SourceInputs) -> "Prediction":
     from rhel_cvm_update.predict_model import predict_from_model
 
     if live is None:
         raise PredictionError("the model source needs the live PCRs to check itself against; "
                               "it cannot run offline")
-    if efivarfs is None:
+    if inputs.efivarfs is None:
         raise PredictionError(f"the model source needs efivarfs ({config.efivars} is not a directory)")
-    booted_shim_file, booted_uki_file = booted_chain(efivarfs, config.esp)
-    booted_shim_file = booted_shim or booted_shim_file
-    measure = {path: measure_image(path, banks) for path in {booted_shim_file, booted_uki_file, next_shim, uki}}
-    return predict_from_model(read_policy_variables(efivarfs), live, measure[booted_shim_file],
-                              measure[booted_uki_file], measure[next_shim], measure[uki])
+    booted_shim_file, booted_uki_file = inputs.booted_chain()
+    return predict_from_model(inputs.policy_variables(), live, inputs.image(booted_shim or booted_shim_file, banks),
+                              inputs.image(booted_uki_file, banks), inputs.image(next_shim, banks),
+                              inputs.image(uki, banks))
 
 
 def _from_log(config, log_path: str, live: Optional[LivePcrs], banks: List[str], uki: str,
-              next_shim: str, current_shim: str, efivarfs) -> "Prediction":
-    from rhel_cvm_update.boot_events import ImageMeasurement
-    from rhel_cvm_update.measure import measure_image, read_policy_variables
+              next_shim: str, current_shim: str, inputs: SourceInputs) -> "Prediction":
     from rhel_cvm_update.predict_log import predict_from_log
 
     log = read_event_log(log_path)
-    banks = [b for b in banks if b in log.banks]
-    uki_m = measure_image(uki, banks)
-    shim_m = measure_image(next_shim, banks)
-    booted_m: Optional[ImageMeasurement] = shim_m
-    if next_shim != current_shim:
-        booted_m = measure_image(current_shim, banks) if os.path.exists(current_shim) else None
-    efivars_now = read_policy_variables(efivarfs) if efivarfs is not None else None
+    if live is None:  # offline: only the log's banks matter (and the model does not run)
+        banks = [b for b in banks if b in log.banks]
+    booted_shim = inputs.image(current_shim, banks) if os.path.exists(current_shim) else None
     booted_uki = None
-    if efivarfs is not None:
+    if inputs.efivarfs is not None:
         try:  # the booted UKI lets the authority rule be checked against this boot's events
-            booted_uki = measure_image(booted_chain(efivarfs, config.esp)[1], banks)
+            booted_uki = inputs.image(inputs.booted_chain()[1], banks)
         except CvmUpdateError:
             booted_uki = None
-    return predict_from_log(log, live, shim_m, uki_m, booted_m, efivars_now, pcrs=(4, 7), booted_uki=booted_uki)
+    return predict_from_log(log, live, inputs.image(next_shim, banks), inputs.image(uki, banks), booted_shim,
+                            inputs.policy_variables(), pcrs=(4, 7), booted_uki=booted_uki)

@@ -491,9 +491,9 @@ def test_sources_that_disagree_seal_nothing_and_status_names_both(sandbox, monke
 
     import rhel_cvm_update.predict as predict
 
-    def disagreeing_model(config, live, banks, uki, next_shim, booted_shim, efivarfs):
+    def disagreeing_model(config, live, banks, uki, next_shim, booted_shim, inputs):
         prediction = predict._from_log(config, config.event_log, live, banks, uki, next_shim,
-                                       booted_shim or predict.shim_path(config), efivarfs)
+                                       booted_shim or predict.shim_path(config), inputs)
         return dataclasses.replace(prediction, source="model", banks={
             b: {**v, 7: bytes(len(v[7]))} for b, v in prediction.banks.items()})
 
