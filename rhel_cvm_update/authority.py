@@ -130,7 +130,7 @@ def firmware_authorities(image, dbs: SecureBootDatabases) -> List[Authority]:
     verified = False
     for number, certs in enumerate(image.signatures or [()], 1):
         if image.signatures:
-            revoked = _revoking_entry(certs, dbx_certs(dbs.dbx))
+            revoked = _revoking_entry(certs, dbs.dbx)
             if revoked is not None:
                 raise ImageRefusedError(
                     f"the firmware would refuse {image.path}: dbx revokes its signature {number} "
@@ -155,10 +155,6 @@ def firmware_authorities(image, dbs: SecureBootDatabases) -> List[Authority]:
     return found
 
 
-def dbx_certs(dbx: Sequence[SignatureData]) -> Sequence[SignatureData]:
-    return [e for e in dbx if e.signature_type in (EFI_CERT_X509_GUID, EFI_CERT_X509_SHA256_GUID)]
-
-
 def shim_authorities(image, dbs: SecureBootDatabases, vendor_cert: Optional[bytes],
                      shim_path: str = "shim") -> List[Authority]:
     """The entries shim logs when it verifies ``image`` (the UKI); raises ImageRefusedError
@@ -172,7 +168,7 @@ def shim_authorities(image, dbs: SecureBootDatabases, vendor_cert: Optional[byte
         if entry is not None:
             return [Authority(_record(name, guid, entry), f"{name} lists the hash of {image.path}")]
     found: List[Authority] = []
-    denylist = list(dbx_certs(dbs.dbx)) + list(dbx_certs(dbs.mokx))
+    denylist = dbs.dbx + dbs.mokx
     for number, certs in enumerate(image.signatures, 1):
         if _revoking_entry(certs, denylist) is not None:
             continue  # shim skips a revoked signature; another one may still verify the image

@@ -42,10 +42,6 @@ class ImageMeasurement:
     def signed(self) -> bool:
         return bool(self.signatures)
 
-    @property
-    def signer_certs(self) -> Tuple[bytes, ...]:
-        return tuple(c for certs in self.signatures for c in certs)
-
 
 @dataclasses.dataclass(frozen=True)
 class PlannedEvent:

@@ -234,11 +234,9 @@ def plan_pcr7(log: tcglog.EventLog, chain: BootChain, booted_shim: Optional[Imag
     them now; the authority events of the firmware (for shim) and of shim (for the UKI) are
     asked of the authority rule for the new images, after the rule reproduced the logged ones
     for the booted images where those are known; SbatLevel follows shim's rule (sbat_rule)."""
-    if booted_shim is not None and any(booted_shim.authenticode.get(b) != chain.shim.digests.get(b)
-                                       for b in banks):
-        booted_shim = None  # the shim file on disk is not the one that booted (updated since)
-    if booted_uki is not None and any(booted_uki.authenticode.get(b) != chain.uki.digests.get(b) for b in banks):
-        booted_uki = None
+    # A file on disk that is not the one that booted (updated since) says nothing of this boot.
+    booted_shim = booted_shim if booted_shim and _measured_as(booted_shim, chain.shim, banks) else None
+    booted_uki = booted_uki if booted_uki and _measured_as(booted_uki, chain.uki, banks) else None
     plan = _Pcr7Plan(log, chain, banks, efivars_now)
     secure_boot = plan.secure_boot()
     pcr7 = [e for e in log.events if e.pcr == SECURE_BOOT_POLICY_PCR and e.event_type != tcglog.EV_NO_ACTION]
@@ -252,7 +250,10 @@ def plan_pcr7(log: tcglog.EventLog, chain: BootChain, booted_shim: Optional[Imag
         bad = unexplained[0] if unexplained else separator
         raise PredictionError(f"{log.source}: PCR7 {_event_label(bad) if bad else 'has no separator and'} is "
                               f"not explained by a shim -> UKI boot; refusing to predict PCR7")
-    if not secure_boot and firmware + [e for e in by_shim if _variable(log, e).name not in SHIM_STATE_VARIABLES]:
+    shim_vars = [(e, _variable(log, e)) for e in by_shim]
+    state = [(e, var) for e, var in shim_vars if var.name in SHIM_STATE_VARIABLES]
+    verified_uki = [e for e, var in shim_vars if var.name not in SHIM_STATE_VARIABLES]
+    if not secure_boot and firmware + verified_uki:
         raise PredictionError(f"{log.source}: Secure Boot is off, yet PCR7 has authority events for the boot "
                               f"images; refusing to predict PCR7")
     # Firmware: the policy variables, the separator, what it verified before the boot option.
@@ -262,30 +263,28 @@ def plan_pcr7(log: tcglog.EventLog, chain: BootChain, booted_shim: Optional[Imag
         else:
             plan.keep(ev, "logged before any boot option ran" if ev is not separator else "unchanged")
     if secure_boot:
+        # This boot's lists: db/dbx as logged; MokListRT only efivarfs shows (shim rebuilds it each
+        # boot).  Next boot's: as efivarfs has them now.
+        at_boot = SecureBootDatabases.from_efivars({**(efivars_now or {}), **plan.boot_vars})
+        at_next_boot = SecureBootDatabases.from_efivars(plan.next_vars())
         already = [_variable(log, e) for e in before_boot if e.event_type == tcglog.EV_EFI_VARIABLE_AUTHORITY]
-        _check_rule(log, firmware, booted_shim,
-                    lambda img: firmware_authorities(img, SecureBootDatabases.from_efivars(plan.boot_vars)),
+        logged_lists = SecureBootDatabases.from_efivars(plan.boot_vars)  # what the firmware read
+        _check_rule(log, firmware, booted_shim, lambda img: firmware_authorities(img, logged_lists),
                     already, "the firmware's authority for the booted shim")
-        wanted = _without(firmware_authorities(shim, SecureBootDatabases.from_efivars(plan.next_vars())), already)
+        wanted = _without(firmware_authorities(shim, at_next_boot), already)
         plan.replace_block(firmware, wanted, chain.shim.index, f"the db entry that verifies {shim.path}")
     # shim: its own variables, then what verified the UKI.
-    state = [e for e in by_shim if _variable(log, e).name in SHIM_STATE_VARIABLES]
-    verified_uki = [e for e in by_shim if e not in state]
-    for ev in state:
-        var = _variable(log, ev)
+    for ev, var in state:
         if var.name == "SbatLevel":
-            plan.planned.append(_sbat_level(log, ev, var, booted_shim, shim, secure_boot, plan))
+            plan.planned.append(_sbat_level(ev, var, shim, secure_boot, plan))
         else:
             plan.keep(ev, "MOK state unchanged")
     if secure_boot:
-        # This boot's lists: db/dbx as logged; MokListRT only efivarfs shows (shim rebuilds it each boot).
-        at_boot = SecureBootDatabases.from_efivars({**(efivars_now or {}), **plan.boot_vars})
         _check_rule(log, verified_uki, booted_uki,
                     lambda img: shim_authorities(img, at_boot, (booted_shim or shim).vendor_cert, "the booted shim"),
                     [], "the booted shim's authority for the booted UKI")
-        dbs = SecureBootDatabases.from_efivars(plan.next_vars())
         try:
-            wanted = shim_authorities(uki, dbs, shim.vendor_cert, shim.path)
+            wanted = shim_authorities(uki, at_next_boot, shim.vendor_cert, shim.path)
         except ImageRefusedError as e:
             if efivars_now is not None:
                 raise
@@ -355,11 +354,15 @@ def _check_rule(log: tcglog.EventLog, logged: Sequence[tcglog.TcgEvent], booted:
             f"so PCR7 cannot be predicted from its log")
 
 
-def _sbat_level(log: tcglog.EventLog, ev: tcglog.TcgEvent, var: UefiVariableData,
-                booted_shim: Optional[ImageMeasurement], shim: ImageMeasurement, secure_boot: bool,
+def _measured_as(image: ImageMeasurement, ev: tcglog.TcgEvent, banks: Sequence[str]) -> bool:
+    """Whether ``image`` is the file this boot measured in ``ev``."""
+    return all(image.authenticode.get(b) == ev.digests.get(b) for b in banks)
+
+
+def _sbat_level(ev: tcglog.TcgEvent, var: UefiVariableData, shim: ImageMeasurement, secure_boot: bool,
                 plan: _Pcr7Plan) -> PlannedEvent:
     policy = plan.next_vars().get(("SbatPolicy", str(SHIM_LOCK_GUID)))
-    same_shim = all(shim.authenticode.get(b) == plan.chain.shim.digests.get(b) for b in plan.banks)
+    same_shim = _measured_as(shim, plan.chain.shim, plan.banks)
     value = next_sbat_level(var.data, shim.sbat_levels, shim.sbat, secure_boot, policy, shim.path,
                             same_shim=same_shim)
     if value == var.data:
