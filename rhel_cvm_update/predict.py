@@ -202,7 +202,7 @@ def agree(runs: Mapping[str, SourceRun]) -> "Prediction":
         if len(runs) == 1:
             raise next(iter(runs.values())).error
         raise PredictionError("neither source can predict the next boot",
-                              details=[f"{'event log' if n == 'log' else n}: {r.error}" for n, r in runs.items()])
+                              details=[f"{_source_label(n)}: {r.error}" for n, r in runs.items()])
     name, chosen = ran[0]
     notes: List[str] = []
     agreed: Optional[bool] = None
@@ -222,8 +222,12 @@ def agree(runs: Mapping[str, SourceRun]) -> "Prediction":
     elif len(runs) == 2:
         other = next(n for n in runs if n != name)
         notes.append(f"only the {name} source could run, so nothing cross-checked it; "
-                     f"the {other} source: {runs[other].error}")
+                     f"the {_source_label(other)} was not used: {runs[other].error}")
     return dataclasses.replace(chosen, notes=tuple(notes) + chosen.notes, sources=sources, agreed=agreed)
+
+
+def _source_label(name: str) -> str:
+    return "event log" if name == "log" else name
 
 
 def first_difference(a: "Prediction", b: "Prediction") -> Optional[str]:

@@ -38,6 +38,13 @@ def test_one_source_that_cannot_run_is_noted():
     assert any("only the log source could run" in n and "no BootCurrent" in n for n in result.notes)
 
 
+def test_a_log_that_cannot_run_is_noted_as_not_used():
+    result = agree({"log": SourceRun(error=PredictionError("PCR4 does not replay")),
+                    "model": SourceRun(prediction("model"))})
+    assert result.source == "model"
+    assert any("event log was not used: PCR4 does not replay" in n for n in result.notes)
+
+
 def test_neither_source_lists_both_errors():
     with pytest.raises(PredictionError, match="neither source") as err:
         agree({"log": SourceRun(error=PredictionError("a")), "model": SourceRun(error=PredictionError("b"))})
