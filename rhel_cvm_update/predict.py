@@ -136,10 +136,10 @@ def predict_next_boot(config, uki: str, shim: Optional[str] = None, source: str 
     inputs = SourceInputs(config.esp, efivarfs)
     runs: Dict[str, SourceRun] = {}
     if source in ("auto", "log"):
-        runs["log"] = _run_source(lambda: _from_log(config, event_log or config.event_log, live, banks, uki,
+        runs["log"] = run_source(lambda: _from_log(config, event_log or config.event_log, live, banks, uki,
                                                     next_shim, current_shim, inputs))
     if source in ("auto", "model"):
-        runs["model"] = _run_source(lambda: _from_model(config, live, banks, uki, next_shim, booted_shim, inputs))
+        runs["model"] = run_source(lambda: _from_model(config, live, banks, uki, next_shim, booted_shim, inputs))
     return agree(runs)
 
 
@@ -186,7 +186,7 @@ class SourceRun:
                 "error": str(self.error) if self.error else None}
 
 
-def _run_source(work) -> SourceRun:
+def run_source(work) -> SourceRun:
     try:
         return SourceRun(prediction=work())
     except CvmUpdateError as e:  # it cannot explain this boot, or an input it needs is missing

@@ -32,6 +32,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from tests import realbins  # noqa: E402
+from tests.vm import signing  # noqa: E402
+from tests.vm.signing import Signing  # noqa: E402
 
 OVMF_DIR = Path("/usr/share/OVMF")
 SHIM_SIGNED = Path("/usr/lib/shim/shimx64.efi.signed")
@@ -77,6 +79,9 @@ class Scenario:
     # stores the UCS-2 path without a NUL; shim then ignores it and loads grubx64.efi from its own
     # directory, so the UKI is also put there and the scenario records which path shim measured.
     optional_data_nul: bool = True
+    # Signer-change boots (tests/vm/signing.py): shim's signature table, the UKI's signer, the
+    # variables they start from.  None: shim as installed, UKI signed by this run's db key.
+    signing: Optional[Signing] = None
 
     @property
     def shim_loads(self) -> str:
@@ -92,6 +97,31 @@ UKI_B = UkiSpec("b", "linux-image-amd64", GUEST_CMDLINE + " rhel_cvm_update.uki=
 SHIM_SIGNED_ORIGIN = "Debian shim-signed: /usr/lib/shim/shimx64.efi.signed (Microsoft UEFI CA signature)"
 SHIM_UNSIGNED_ORIGIN = ("Debian shim-unsigned: /usr/lib/shim/shimx64.efi (a separate build of the same shim "
                         "version; its Authenticode differs from the signed one's per pesign -h)")
+
+# The signer-change chain (issue 13): one machine whose shim and UKI are re-signed between boots,
+# each boot starting from the variables the one before left.  db = Microsoft's template db (UEFI
+# CA 2011) + Microsoft UEFI CA 2023 + two test CAs; shims carry Debian's real Microsoft signatures.
+SIGNER_SCENARIOS = tuple(
+    Scenario(name, "Secure Boot on, signer chain: " + text, True, SHIM_SIGNED,
+             "Debian shim-signed with its certificate table rebuilt: " + ", ".join(plan.shim_signatures),
+             UKI_A, signing=plan)
+    for name, text, plan in (
+        ("sb2-shim-ms2011", "shim signed by the Microsoft UEFI CA 2011 only; UKI A by test CA 1",
+         Signing(("ms-2011",), "ca1")),
+        ("sb2-shim-ms2023", "the same shim re-signed: Microsoft UEFI CA 2023 only (same Authenticode)",
+         Signing(("ms-2023",), "ca1", after="sb2-shim-ms2011")),
+        ("sb2-shim-dual", "shim as Debian ships it: CA 2011 signature first, CA 2023 second",
+         Signing(("ms-2011", "ms-2023"), "ca1", after="sb2-shim-ms2023")),
+        ("sb2-shim-dual-2023-first", "dual-signed shim with the CA 2023 signature first",
+         Signing(("ms-2023", "ms-2011"), "ca1", after="sb2-shim-dual")),
+        ("sb2-uki-ca2", "dual-signed shim; UKI A re-signed by test CA 2 (shim logs the other db entry)",
+         Signing(("ms-2011", "ms-2023"), "ca2", after="sb2-shim-dual-2023-first")),
+        ("sb2-shim-sbat", "a newer shim: .sbatlevel dated 2026050100 (applied by shim), signed by test CA 1",
+         Signing(("ca1",), "ca1", after="sb2-uki-ca2", sbat_date="2026050100")),
+        ("sb2-dbx-ms2011", "dbx += Microsoft UEFI CA 2011 at runtime; shim signed by CA 2023 only "
+         "(SbatLevel stays at the newer level the previous boot applied)",
+         Signing(("ms-2023",), "ca1", after="sb2-shim-sbat", dbx_certs=("ms-2011",))),
+    ))
 
 SCENARIOS = {s.name: s for s in (
     Scenario("sb-off-uki-a", "Secure Boot off; Debian's Microsoft-signed shim -> unsigned UKI A (cloud kernel)",
@@ -109,7 +139,7 @@ SCENARIOS = {s.name: s for s in (
              "(optional data without a terminating NUL): shim ignores it and loads \\EFI\\redhat\\grubx64.efi, "
              "a copy of UKI A",
              False, SHIM_SIGNED, SHIM_SIGNED_ORIGIN, UKI_A, optional_data_nul=False),
-)}
+) + SIGNER_SCENARIOS}
 
 
 class CaptureError(RuntimeError):
@@ -277,16 +307,21 @@ def make_boot_entry(disk: Path, work: Path, second_stage: str, nul_terminated: b
     }
 
 
-def make_vars(template: Path, out: Path, work: Path, boot_entry: Dict[str, object],
-              db_cert: Optional[Path]) -> List[str]:
-    """Copy an OVMF vars template with virt-fw-vars: add the boot entry (and the test db cert)."""
+def boot_entry_json(work: Path, boot_entry: Dict[str, object]) -> Path:
+    """The boot entry's variables as a virt-fw-vars --set-json file."""
     entries = {"version": 2, "variables": [
         {"name": full.split("-", 1)[0], "guid": full.split("-", 1)[1], "attr": var["attr"], "data": var["data"]}
         for full, var in boot_entry["variables"].items()]}
     entries_json = work / "boot-entry-vars.json"
     entries_json.write_text(json.dumps(entries))
+    return entries_json
+
+
+def make_vars(template: Path, out: Path, work: Path, boot_entry: Dict[str, object],
+              db_cert: Optional[Path]) -> List[str]:
+    """Copy an OVMF vars template with virt-fw-vars: add the boot entry (and the test db cert)."""
     argv = [sys.executable, "-m", "virt.firmware.vars", "-i", str(template), "-o", str(out),
-            "--set-json", str(entries_json)]
+            "--set-json", str(boot_entry_json(work, boot_entry))]
     changes = ["Boot%s and BootOrder from efibootmgr (virt-fw-vars --set-json)" % BOOT_ENTRY_NUMBER]
     if db_cert:
         argv += ["--add-db", DB_CERT_OWNER_GUID, str(db_cert)]
@@ -363,23 +398,44 @@ def parse_serial(text: str) -> Tuple[List[Tuple[str, int, str]], Dict[str, bytes
 
 
 def capture(scenario: Scenario, out_root: Path, work: Path,
-            keys: Optional[Tuple[Path, Path]] = None) -> Path:
-    """Build, boot and record one scenario into ``out_root/<name>/``; returns that directory."""
+            keys: Optional[Tuple[Path, Path]] = None,
+            cas: Optional[Dict[str, signing.TestCa]] = None) -> Path:
+    """Build, boot and record one scenario into ``out_root/<name>/``; returns that directory.
+
+    ``keys`` is the db key pair of plain Secure Boot scenarios, ``cas`` the test CAs of the
+    signer-change chain (whose boots must run in order, in one ``work`` directory)."""
+    chain_root = work
     work = work / scenario.name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    plan = scenario.signing
+    if plan:
+        if not cas:
+            raise CaptureError("%s needs the test CAs" % scenario.name)
+        keys = (cas[plan.uki_signer].leaf_key, cas[plan.uki_signer].leaf_cert)
+        shim = signing.build_shim(scenario.shim, plan, cas, work / "shimx64.efi")
+    else:
+        shim = scenario.shim
     if scenario.secure_boot and not keys:
         raise CaptureError("%s needs a db key pair" % scenario.name)
     uki = build_uki(scenario.uki, work, keys if scenario.secure_boot else None)
     disk = work / "disk.img"
-    esp_files = {SHIM_ESP_PATH: scenario.shim, scenario.uki.esp_path: uki.path, scenario.shim_loads: uki.path}
+    esp_files = {SHIM_ESP_PATH: shim, scenario.uki.esp_path: uki.path, scenario.shim_loads: uki.path}
     esp = make_esp_disk(disk, esp_files)
     boot_entry = make_boot_entry(disk, work, scenario.uki.esp_path, scenario.optional_data_nul)
 
     code = OVMF_DIR / ("OVMF_CODE_4M.secboot.fd" if scenario.secure_boot else "OVMF_CODE_4M.fd")
     template = OVMF_DIR / ("OVMF_VARS_4M.ms.fd" if scenario.secure_boot else "OVMF_VARS_4M.fd")
     vars_file = work / "OVMF_VARS.fd"
-    var_changes = make_vars(template, vars_file, work, boot_entry, keys[1] if scenario.secure_boot else None)
+    if plan:
+        previous = chain_root / plan.after / "OVMF_VARS.fd" if plan.after else None
+        if previous and not previous.exists():
+            raise CaptureError("%s starts from the variables %s left: capture %s first, in the same --work"
+                               % (scenario.name, plan.after, plan.after))
+        var_changes = signing.make_signing_vars(template, previous, vars_file, boot_entry_json(work, boot_entry),
+                                                plan, cas)
+    else:
+        var_changes = make_vars(template, vars_file, work, boot_entry, keys[1] if scenario.secure_boot else None)
 
     sock = work / "swtpm.sock"
     serial = work / "serial.log"
@@ -446,9 +502,9 @@ def capture(scenario: Scenario, out_root: Path, work: Path,
             "package": ("shim-signed " + dpkg_version("shim-signed")) if scenario.shim == SHIM_SIGNED
             else ("shim-unsigned " + dpkg_version("shim-unsigned")),
             "esp_path": SHIM_ESP_PATH,
-            "sha256": sha256_file(scenario.shim),
-            "size": scenario.shim.stat().st_size,
-            "authenticode_sha256": realbins.pesign_digest(scenario.shim),
+            "sha256": sha256_file(shim),
+            "size": shim.stat().st_size,
+            "authenticode_sha256": realbins.pesign_digest(shim),
             "authenticode_tool": "pesign -h -d sha256 (pesign %s)" % dpkg_version("pesign"),
         },
         "uki": dict(uki.record, shim_loads=scenario.shim_loads),
@@ -465,13 +521,20 @@ def capture(scenario: Scenario, out_root: Path, work: Path,
                        "sb-on-uki-a and sb-on-uki-b together (one key) and expect new PCR7/UKI digests"
                        if scenario.secure_boot else "")),
     }
+    if plan:
+        record["signing"] = signing.describe(plan, shim, uki.path, target, cas)
+        db_cert, owner = cas[plan.uki_signer].ca_cert, signing.TEST_CA_OWNER_GUIDS[plan.uki_signer]
+        note = "the test CA in db that anchors the UKI's signer; its private key is not kept"
+    else:
+        db_cert, owner = (keys[1] if keys else None), DB_CERT_OWNER_GUID
+        note = "self-signed test db certificate; its private key is not kept"
     if scenario.secure_boot:
-        shutil.copyfile(keys[1], target / "db.crt")
-        record["db_cert"] = {"file": "db.crt", "owner_guid": DB_CERT_OWNER_GUID,
-                             "sha256_fingerprint": realbins.cert_sha256_fingerprint(keys[1]),
-                             "subject": realbins.run(["openssl", "x509", "-in", str(keys[1]), "-noout", "-subject"])
+        shutil.copyfile(db_cert, target / "db.crt")
+        record["db_cert"] = {"file": "db.crt", "owner_guid": owner,
+                             "sha256_fingerprint": realbins.cert_sha256_fingerprint(db_cert),
+                             "subject": realbins.run(["openssl", "x509", "-in", str(db_cert), "-noout", "-subject"])
                              .stdout.decode().strip(),
-                             "note": "self-signed test db certificate; its private key is not kept"}
+                             "note": note}
     (target / "boot.json").write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
     return target
 
@@ -495,14 +558,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = sorted(set(names) - set(SCENARIOS))
     if unknown:
         parser.error("unknown scenario(s): %s" % ", ".join(unknown))
+    for name in names:
+        after = SCENARIOS[name].signing and SCENARIOS[name].signing.after
+        if after and after not in names:
+            parser.error("%s starts from the variables %s leaves: capture them together" % (name, after))
     with tempfile.TemporaryDirectory(prefix="capture-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        keys = None
+        keys = cas = None
         if any(SCENARIOS[n].secure_boot for n in names):
             keys = realbins.make_test_keys(work / "keys")
-        for name in names:
-            target = capture(SCENARIOS[name], args.out, work, keys)
+        if any(SCENARIOS[n].signing for n in names):
+            cas = signing.make_test_cas(work / "test-cas")
+        for name in sorted(names, key=list(SCENARIOS).index):  # a signer chain in its order
+            target = capture(SCENARIOS[name], args.out, work, keys, cas)
             record = json.loads((target / "boot.json").read_text())
             print("%s: %.1f s, event log %d bytes -> %s" % (name, record["boot_seconds"],
                                                             record["files"]["eventlog.bin"]["size"], target))

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography import x509
 
-from tests.vm import capture
+from tests.vm import capture, signing
 
 BOOTS = Path(__file__).resolve().parents[1] / "data" / "boots"
 SCENARIOS = sorted(capture.SCENARIOS)
@@ -166,19 +167,88 @@ class TestSecureBootFixtures:
                              check=True, stdout=subprocess.PIPE).stdout
         db = (BOOTS / name / "efivars" / "db-d719b2cb-3d3a-4596-a3bc-dad00e67656f").read_bytes()
         assert der in db
-        owner = capture.DB_CERT_OWNER_GUID
-        authorities = [e["Event"] for e in tpm2_eventlog(name)["events"]
-                       if e["PCRIndex"] == 7 and e["EventType"] == "EV_EFI_VARIABLE_AUTHORITY"]
-        db_authorities = [a for a in authorities if a["UnicodeName"] == "db"]
-        # The firmware logs the Microsoft CA that verified shim; shim logs our cert for the UKI.
-        assert any(a["VariableData"].endswith(der.hex()) for a in db_authorities)
-        (ours,) = [a for a in db_authorities if a["VariableData"].endswith(der.hex())]
-        # EFI_SIGNATURE_DATA = owner GUID (mixed endian) + DER
-        owner_bytes = bytes.fromhex("".join(reversed(re.findall("..", owner[:8]))) +
-                                    "".join(reversed(re.findall("..", owner[9:13]))) +
-                                    "".join(reversed(re.findall("..", owner[14:18]))) +
-                                    owner[19:23] + owner[24:])
-        assert ours["VariableData"] == (owner_bytes + der).hex()
+        # The firmware logs the db entry that verified shim; shim logs the one that verified the
+        # UKI, last (even when it is the same entry: shim keeps its own list of what it logged).
+        last = db_authorities(name)[-1]
+        assert last["VariableData"] == signature_data(boot_json(name)["db_cert"]["owner_guid"], der).hex()
+
+
+def db_authorities(name):
+    return [e["Event"] for e in tpm2_eventlog(name)["events"]
+            if e["PCRIndex"] == 7 and e["EventType"] == "EV_EFI_VARIABLE_AUTHORITY"
+            and e["Event"]["UnicodeName"] == "db"]
+
+
+def signature_data(owner, der):
+    """EFI_SIGNATURE_DATA = owner GUID (mixed endian) + DER."""
+    owner_bytes = bytes.fromhex("".join(reversed(re.findall("..", owner[:8]))) +
+                                "".join(reversed(re.findall("..", owner[9:13]))) +
+                                "".join(reversed(re.findall("..", owner[14:18]))) +
+                                owner[19:23] + owner[24:])
+    return owner_bytes + der
+
+
+def pem_to_der(path):
+    return subprocess.run(["openssl", "x509", "-in", str(path), "-outform", "DER"],
+                          check=True, stdout=subprocess.PIPE).stdout
+
+
+SIGNER_CHAIN = [s.name for s in capture.SIGNER_SCENARIOS]
+MICROSOFT_CAS = {"ms-2011": "ms-uefi-2011.pem", "ms-2023": "ms-uefi-2023.pem"}
+
+
+@pytest.mark.parametrize("name", SIGNER_CHAIN)
+class TestSignerChainFixtures:
+    """What real OVMF and shim logged when only the signers changed (tests/vm/signing.py)."""
+
+    def test_the_firmware_logs_the_ca_of_the_first_signature_db_anchors(self, name):
+        # edk2's DxeImageVerificationLib: signatures in table order, the first one a db entry
+        # verifies is logged.  Every shim of the chain is signed only by CAs in db.
+        plan = capture.SCENARIOS[name].signing
+        first = plan.shim_signatures[0]
+        if first in MICROSOFT_CAS:
+            expected = signature_data(signing.MICROSOFT_OWNER_GUID,
+                                      pem_to_der(signing.microsoft_cert(MICROSOFT_CAS[first])))
+        else:
+            assert boot_json(name)["db_cert"]["owner_guid"] == signing.TEST_CA_OWNER_GUIDS[first]
+            expected = signature_data(signing.TEST_CA_OWNER_GUIDS[first], pem_to_der(BOOTS / name / "db.crt"))
+        assert db_authorities(name)[0]["VariableData"] == expected.hex()
+
+    def test_recorded_signatures_are_the_ones_sbverify_listed(self, name):
+        record = boot_json(name)["signing"]
+        for entry in record["shim_signatures"] + record["uki_signatures"]:
+            bundle = x509.load_pem_x509_certificates((BOOTS / name / entry["certificates"]).read_bytes())
+            issuer_cn = entry["sbverify_issuers"].rsplit("CN=", 1)[1]
+            issuers = [c.issuer.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value for c in bundle]
+            assert issuer_cn in issuers, entry
+
+    def test_the_same_shim_file_keeps_pcr4_whoever_signed_it(self, name):
+        record = boot_json(name)
+        if record["signing"]["shim_sbatlevel"]["previous"].startswith("sbat,1,2026"):
+            assert _pcr(name, "sha256", 4) != _pcr(SIGNER_CHAIN[0], "sha256", 4)
+        else:
+            assert record["shim"]["authenticode_sha256"] == boot_json(SIGNER_CHAIN[0])["shim"]["authenticode_sha256"]
+            assert _pcr(name, "sha256", 4) == _pcr(SIGNER_CHAIN[0], "sha256", 4)
+
+    def test_shim_logs_the_sbat_level_it_keeps(self, name):
+        # shim applies its embedded previous level only when it is newer than SbatLevel; the
+        # chain's newer shim raises it, and the older shim booted after it keeps the newer one.
+        levels = {n: boot_json(n)["signing"]["shim_sbatlevel"]["previous"] for n in SIGNER_CHAIN[:SIGNER_CHAIN.index(name) + 1]}
+        newest = max(levels.values(), key=lambda level: level.split("\n", 1)[0])
+        (event,) = [e for e in tpm2_eventlog(name)["events"]
+                    if e["PCRIndex"] == 7 and isinstance(e["Event"], dict)
+                  and e["Event"].get("UnicodeName") == "SbatLevel"]
+        assert bytes.fromhex(event["Event"]["VariableData"]).decode() == newest
+        variable = (BOOTS / name / "efivars" / "SbatLevelRT-605dab50-e046-4300-abb6-3dd810dd8b23").read_bytes()[4:]
+        assert variable.decode() == newest
+
+
+def test_the_runtime_dbx_update_is_measured_at_the_next_boot():
+    der = pem_to_der(signing.microsoft_cert("ms-uefi-2011.pem"))
+    before = (BOOTS / "sb2-shim-sbat" / "efivars" / "dbx-d719b2cb-3d3a-4596-a3bc-dad00e67656f").read_bytes()
+    after = (BOOTS / "sb2-dbx-ms2011" / "efivars" / "dbx-d719b2cb-3d3a-4596-a3bc-dad00e67656f").read_bytes()
+    assert der not in before and signature_data(signing.MICROSOFT_OWNER_GUID, der) in after
+    assert _pcr("sb2-shim-sbat", "sha256", 7) != _pcr("sb2-dbx-ms2011", "sha256", 7)
 
 
 def _pcr(name, alg, index):

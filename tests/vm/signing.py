@@ -1,0 +1,276 @@
+"""Inputs of the signer-change boots (capture.py scenarios with a ``Signing``): test CAs, shims
+whose Authenticode certificate table holds a chosen list of signatures, a shim with a newer
+``.sbatlevel``, and the OVMF variables those boots start from.
+
+Microsoft's signatures are the real ones on Debian's shim (signature 1 chains to the Microsoft
+UEFI CA 2011, signature 2 to the Microsoft UEFI CA 2023, as ``sbverify --list`` shows); the
+tables here only select and reorder them.  Our own signatures come from ``sbsign`` with leaf
+keys issued by two test CAs that are put into db, so the firmware and shim verify real chains.
+Nothing here uses rhel_cvm_update: the fixtures must stay outside the code under test.
+"""
+
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from tests import realbins
+
+MICROSOFT_OWNER_GUID = "77fa9abd-0359-4d32-bd60-28f4e78f784b"
+TEST_CA_OWNER_GUIDS = {"ca1": "7f3c6f4a-2d1e-4b8a-9e5c-1a2b3c4d5e6f",   # = capture.DB_CERT_OWNER_GUID
+                       "ca2": "7f3c6f4a-2d1e-4b8a-9e5c-1a2b3c4d5e70"}
+TEST_CA_NAMES = {"ca1": "rhel-cvm-update Test UEFI CA 2011", "ca2": "rhel-cvm-update Test UEFI CA 2023"}
+# Signature slots of Debian's shimx64.efi.signed, in its certificate table.
+DEBIAN_SHIM_SIGNATURES = {"ms-2011": 0, "ms-2023": 1}
+DEBIAN_SHIM_ISSUERS = {"ms-2011": "Microsoft Corporation UEFI CA 2011", "ms-2023": "Microsoft UEFI CA 2023"}
+IMAGE_DIRECTORY_ENTRY_SECURITY = 4
+
+
+@dataclass(frozen=True)
+class Signing:
+    """How a signer-change boot differs from a plain Secure Boot one."""
+
+    shim_signatures: Tuple[str, ...]  # table order: "ms-2011"/"ms-2023" (Debian's) or "ca1"/"ca2" (our leaf)
+    uki_signer: str                   # "ca1" or "ca2"
+    after: Optional[str] = None       # start from the OVMF variables this scenario left behind
+    sbat_date: Optional[str] = None   # rewrite the datestamp of both .sbatlevel strings to this one
+    dbx_certs: Tuple[str, ...] = ()   # "ms-2011": add the Microsoft UEFI CA 2011 to dbx first
+
+
+class SigningError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TestCa:
+    ca_cert: Path
+    leaf_key: Path
+    leaf_cert: Path
+
+
+def microsoft_cert(name: str) -> Path:
+    """A Microsoft certificate as virt-firmware ships it (ms-uefi-2011.pem, ms-uefi-2023.pem)."""
+    import virt.firmware
+
+    path = Path(virt.firmware.__file__).parent / "certs" / "microsoft.com" / name
+    if not path.exists():
+        raise SigningError("virt-firmware does not ship %s" % path)
+    return path
+
+
+def make_test_cas(directory: Path) -> Dict[str, TestCa]:
+    """ca1/ca2: a self-signed CA each (goes into db) and a code-signing leaf it issued."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cas = {}
+    for serial, (tag, name) in enumerate(sorted(TEST_CA_NAMES.items()), 1):
+        ca_key, ca_cert = directory / (tag + ".key"), directory / (tag + ".crt")
+        leaf_key, leaf_csr, leaf_cert = (directory / (tag + "-signer" + ext) for ext in (".key", ".csr", ".crt"))
+        realbins.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "3650",
+                      "-subj", "/CN=" + name, "-keyout", str(ca_key), "-out", str(ca_cert),
+                      "-addext", "basicConstraints=critical,CA:TRUE",
+                      "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        realbins.run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=%s signer" % name,
+                      "-keyout", str(leaf_key), "-out", str(leaf_csr)])
+        extensions = directory / (tag + "-signer.ext")
+        extensions.write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                              "extendedKeyUsage=codeSigning\n")
+        realbins.run(["openssl", "x509", "-req", "-in", str(leaf_csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+                      "-set_serial", str(0x1000 + serial), "-days", "3650", "-sha256",
+                      "-extfile", str(extensions), "-out", str(leaf_cert)])
+        cas[tag] = TestCa(ca_cert, leaf_key, leaf_cert)
+    return cas
+
+
+# ---------------------------------------------------------------------------------------------
+# the certificate table (PE/COFF 4.0 "The Attribute Certificate Table")
+
+
+def _security_directory(data: bytes) -> int:
+    """File offset of the IMAGE_DIRECTORY_ENTRY_SECURITY (VirtualAddress, Size) pair."""
+    (lfanew,) = struct.unpack_from("<I", data, 0x3C)
+    if data[lfanew:lfanew + 4] != b"PE\0\0":
+        raise SigningError("not a PE image")
+    optional = lfanew + 24
+    (magic,) = struct.unpack_from("<H", data, optional)
+    if magic != 0x20B:
+        raise SigningError("not a PE32+ image")
+    return optional + 112 + 8 * IMAGE_DIRECTORY_ENTRY_SECURITY
+
+
+def signature_entries(data: bytes) -> List[bytes]:
+    """The WIN_CERTIFICATE entries (header included, without the 8-byte alignment padding)."""
+    offset, size = struct.unpack_from("<II", data, _security_directory(data))
+    if offset + size != len(data):
+        raise SigningError("the certificate table is not at the end of the file")
+    entries, position = [], offset
+    while position < offset + size:
+        (length,) = struct.unpack_from("<I", data, position)
+        entries.append(data[position:position + length])
+        position += (length + 7) & ~7
+    return entries
+
+
+def with_signature_entries(data: bytes, entries: Sequence[bytes]) -> bytes:
+    """The image with its certificate table replaced by ``entries`` (none: unsigned)."""
+    directory = _security_directory(data)
+    offset, size = struct.unpack_from("<II", data, directory)
+    body = bytearray(data[:offset] if size else data)
+    if len(body) % 8:
+        raise SigningError("the image does not end on an 8-byte boundary")
+    table = b"".join(e + b"\0" * (-len(e) % 8) for e in entries)
+    struct.pack_into("<II", body, directory, len(body) if entries else 0, len(table))
+    return bytes(body) + table
+
+
+def rewrite_sbatlevel_date(data: bytes, section: Tuple[int, int], new_date: str) -> bytes:
+    """Both .sbatlevel strings ("sbat,1,YYYYMMDDNN\\n...") with ``new_date`` as their
+    datestamp, in place: lengths and the section header stay as they were."""
+    start, length = section
+    level = bytearray(data[start:start + length])
+    marker = b"sbat,1,"
+    found = 0
+    position = level.find(marker)
+    while position >= 0:
+        date_at = position + len(marker)
+        if not level[date_at:date_at + len(new_date)].isdigit():
+            raise SigningError(".sbatlevel has an unexpected datestamp at +%d" % date_at)
+        level[date_at:date_at + len(new_date)] = new_date.encode()
+        found += 1
+        position = level.find(marker, date_at)
+    if found != 2:
+        raise SigningError(".sbatlevel holds %d level strings, expected previous and latest" % found)
+    return data[:start] + bytes(level) + data[start + length:]
+
+
+def section_file_range(pe: Path, name: str) -> Tuple[int, int]:
+    """(file offset, size) of a section as ``objdump -h`` reports it: shim's ".sbatlevel" is
+    longer than 8 characters, so its name lives in the COFF string table."""
+    for line in realbins.run(["objdump", "-h", str(pe)]).stdout.decode().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == name:
+            return int(fields[5], 16), int(fields[2], 16)
+    raise SigningError("%s has no %s section" % (pe, name))
+
+
+def build_shim(debian_shim: Path, signing: Signing, cas: Dict[str, TestCa], out: Path) -> Path:
+    """Debian's signed shim with the table ``signing.shim_signatures`` (and a newer
+    .sbatlevel, which voids Microsoft's signatures: only ours can sign that one)."""
+    original = debian_shim.read_bytes()
+    microsoft = signature_entries(original)
+    issuers = listed_issuers(debian_shim)
+    for tag, index in DEBIAN_SHIM_SIGNATURES.items():
+        if DEBIAN_SHIM_ISSUERS[tag] not in issuers[index]:
+            raise SigningError("%s signature %d is not by the %s: %s"
+                               % (debian_shim, index + 1, DEBIAN_SHIM_ISSUERS[tag], issuers[index]))
+    unsigned = with_signature_entries(original, [])
+    if signing.sbat_date:
+        if any(t in DEBIAN_SHIM_SIGNATURES for t in signing.shim_signatures):
+            raise SigningError("a shim with a rewritten .sbatlevel cannot keep Microsoft's signatures")
+        unsigned = rewrite_sbatlevel_date(unsigned, section_file_range(debian_shim, ".sbatlevel"), signing.sbat_date)
+    stripped = out.with_suffix(".unsigned.efi")
+    stripped.write_bytes(unsigned)
+    entries = []
+    for tag in signing.shim_signatures:
+        if tag in DEBIAN_SHIM_SIGNATURES:
+            entries.append(microsoft[DEBIAN_SHIM_SIGNATURES[tag]])
+        else:
+            signed = realbins.sign(stripped, cas[tag].leaf_key, cas[tag].leaf_cert, out.with_suffix("." + tag + ".efi"))
+            (entry,) = signature_entries(signed.read_bytes())
+            entries.append(entry)
+    out.write_bytes(with_signature_entries(unsigned, entries))
+    return out
+
+
+def listed_issuers(pe: Path) -> List[str]:
+    """Per signature (table order), the issuers ``sbverify --list`` prints for it."""
+    text = realbins.run(["sbverify", "--list", str(pe)]).stdout.decode()
+    signatures: List[str] = []
+    for line in text.splitlines():
+        if line.startswith("signature "):
+            signatures.append("")
+        elif line.startswith(" - ") and signatures and "subject:" not in line and "issuer:" not in line:
+            signatures[-1] += line[3:] + "\n"
+    return signatures
+
+
+def signature_certificates(pe: Path, count: int, directory: Path, prefix: str) -> List[str]:
+    """Each signature's certificates as a PEM bundle, by sbattach --detach --signum and
+    openssl pkcs7 -print_certs; returns the file names (in table order)."""
+    names = []
+    for number in range(1, count + 1):
+        detached = directory / ("%s-signature-%d.p7" % (prefix, number))
+        realbins.run(["sbattach", "--detach", str(detached), "--signum", str(number), str(pe)])
+        name = "%s-signature-%d.pem" % (prefix, number)
+        realbins.run(["openssl", "pkcs7", "-inform", "DER", "-in", str(detached), "-print_certs",
+                      "-out", str(directory / name)])
+        detached.unlink()
+        names.append(name)
+    return names
+
+
+def make_signing_vars(template: Path, previous: Optional[Path], out: Path, entries_json: Path,
+                      signing: Signing, cas: Dict[str, TestCa]) -> List[str]:
+    """The OVMF variables of a signer-change boot: the first starts from the Microsoft template
+    with the Microsoft UEFI CA 2023 and both test CAs added to db; later ones from the
+    variables the previous boot left (SbatLevel included), with dbx additions."""
+    argv = [sys.executable, "-m", "virt.firmware.vars", "-i", str(previous or template), "-o", str(out),
+            "--set-json", str(entries_json)]
+    if previous is None:
+        changes = ["started from %s" % template,
+                   "db += Microsoft UEFI CA 2023 (virt-firmware's ms-uefi-2023.pem), owner %s" % MICROSOFT_OWNER_GUID]
+        argv += ["--add-db", MICROSOFT_OWNER_GUID, str(microsoft_cert("ms-uefi-2023.pem"))]
+        for tag in sorted(cas):
+            argv += ["--add-db", TEST_CA_OWNER_GUIDS[tag], str(cas[tag].ca_cert)]
+            changes.append("db += %s (%s.crt), owner %s" % (TEST_CA_NAMES[tag], tag, TEST_CA_OWNER_GUIDS[tag]))
+    else:
+        changes = ["started from the variables scenario %s left after its boot" % signing.after]
+    for tag in signing.dbx_certs:
+        if tag != "ms-2011":
+            raise SigningError("unknown dbx certificate %s" % tag)
+        argv += ["--add-dbx-cert", MICROSOFT_OWNER_GUID, str(microsoft_cert("ms-uefi-2011.pem"))]
+        changes.append("dbx += Microsoft Corporation UEFI CA 2011 (ms-uefi-2011.pem), owner %s" % MICROSOFT_OWNER_GUID)
+    changes.append("Boot0007 and BootOrder from efibootmgr (virt-fw-vars --set-json)")
+    realbins.run(argv)
+    return changes
+
+
+def sbatlevel_strings(shim: Path, work: Path) -> Dict[str, str]:
+    """The previous and latest level strings of a shim's .sbatlevel, extracted by objcopy
+    (header: u32 version, then the two offsets, relative to the end of the version field)."""
+    out = work / "sbatlevel.bin"
+    realbins.run(["objcopy", "-O", "binary", "--only-section=.sbatlevel", str(shim), str(out)])
+    data = out.read_bytes()
+    out.unlink()
+    _, previous, latest = struct.unpack_from("<III", data)
+    text = {name: data[4 + at:data.index(b"\0", 4 + at)].decode() for name, at in
+            (("previous", previous), ("latest", latest))}
+    return text
+
+
+def describe(plan: Signing, shim: Path, uki: Path, target: Path, cas: Dict[str, TestCa]) -> Dict[str, object]:
+    """boot.json's "signing" record; writes each signature's certificates beside it."""
+    shim_issuers, uki_issuers = listed_issuers(shim), listed_issuers(uki)
+    if len(shim_issuers) != len(plan.shim_signatures) or len(uki_issuers) != 1:
+        raise SigningError("sbverify lists %d shim and %d UKI signatures, expected %d and 1"
+                           % (len(shim_issuers), len(uki_issuers), len(plan.shim_signatures)))
+    shim_files = signature_certificates(shim, len(shim_issuers), target, "shim")
+    (uki_file,) = signature_certificates(uki, 1, target, "uki")
+    sbat = target / "sbat.csv"
+    realbins.run(["objcopy", "-O", "binary", "--only-section=.sbat", str(shim), str(sbat)])
+    csv = sbat.read_bytes().rstrip(b"\0").decode()
+    sbat.unlink()
+    return {
+        "after": plan.after,
+        "dbx_added": list(plan.dbx_certs),
+        "shim_signatures": [{"signer": tag, "certificates": name, "sbverify_issuers": issuers.strip()}
+                            for tag, name, issuers in zip(plan.shim_signatures, shim_files, shim_issuers)],
+        "uki_signatures": [{"signer": plan.uki_signer, "certificates": uki_file,
+                            "sbverify_issuers": uki_issuers[0].strip()}],
+        "shim_sbatlevel": sbatlevel_strings(shim, target),
+        "shim_sbat": csv,
+        "certificates_tool": "sbattach --detach --signum N | openssl pkcs7 -print_certs",
+        "test_cas": {tag: {"subject": TEST_CA_NAMES[tag], "owner_guid": TEST_CA_OWNER_GUIDS[tag],
+                           "sha256_fingerprint": realbins.cert_sha256_fingerprint(ca.ca_cert)}
+                     for tag, ca in sorted(cas.items())},
+    }
