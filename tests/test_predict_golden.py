@@ -105,7 +105,10 @@ SIGNER_PAIRS = [("sb2-shim-ms2011", "sb2-shim-ms2023"), ("sb2-shim-ms2023", "sb2
                 # a newer shim whose .sbatlevel shim applies (PCR4 and the SbatLevel event change)
                 ("sb2-uki-ca2", "sb2-shim-sbat"),
                 # dbx gains the Microsoft UEFI CA 2011 at runtime; the CA 2023-only shim boots next
-                ("sb2-shim-sbat", "sb2-dbx-ms2011")]
+                ("sb2-shim-sbat", "sb2-dbx-ms2011"),
+                # the vendor re-signs with its own CAs (test CA 1 -> CA 2, dual, and back)
+                ("sb2-dbx-ms2011", "sb2-shim-ca2"), ("sb2-shim-ca2", "sb2-shim-ca-dual"),
+                ("sb2-shim-ca-dual", "sb2-shim-ca2")]
 # Variables written at runtime before the next boot: the live efivarfs has them, the log not yet.
 RUNTIME_UPDATES = {("sb2-shim-sbat", "sb2-dbx-ms2011"): ("dbx",)}
 

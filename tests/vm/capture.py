@@ -121,6 +121,10 @@ SIGNER_SCENARIOS = tuple(
         ("sb2-dbx-ms2011", "dbx += Microsoft UEFI CA 2011 at runtime; shim signed by CA 2023 only "
          "(SbatLevel stays at the newer level the previous boot applied)",
          Signing(("ms-2023",), "ca1", after="sb2-shim-sbat", dbx_certs=("ms-2011",))),
+        ("sb2-shim-ca2", "Debian's shim re-signed by test CA 2 alone (the vendor's own 2023 CA)",
+         Signing(("ca2",), "ca1", after="sb2-dbx-ms2011")),
+        ("sb2-shim-ca-dual", "the same shim signed by test CA 1 and test CA 2, in that order",
+         Signing(("ca1", "ca2"), "ca1", after="sb2-shim-ca2")),
     ))
 
 SCENARIOS = {s.name: s for s in (
@@ -553,6 +557,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="scenario names (default: all): " + ", ".join(SCENARIOS))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="fixture root (default: tests/data/boots)")
     parser.add_argument("--work", type=Path, help="work directory kept for inspection (default: a temporary one)")
+    parser.add_argument("--new-test-cas", action="store_true",
+                        help="generate new test CAs into %s (then every sb2-* PCR7 changes: re-capture "
+                             "the whole chain)" % signing.TEST_CAS_DIR.relative_to(REPO_ROOT))
     args = parser.parse_args(argv)
     names = args.scenarios or list(SCENARIOS)
     unknown = sorted(set(names) - set(SCENARIOS))
@@ -569,7 +576,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if any(SCENARIOS[n].secure_boot for n in names):
             keys = realbins.make_test_keys(work / "keys")
         if any(SCENARIOS[n].signing for n in names):
-            cas = signing.make_test_cas(work / "test-cas")
+            cas = (signing.make_test_cas(signing.TEST_CAS_DIR) if args.new_test_cas
+                   else signing.load_test_cas())
         for name in sorted(names, key=list(SCENARIOS).index):  # a signer chain in its order
             target = capture(SCENARIOS[name], args.out, work, keys, cas)
             record = json.loads((target / "boot.json").read_text())

@@ -25,6 +25,9 @@ TEST_CA_NAMES = {"ca1": "rhel-cvm-update Test UEFI CA 2011", "ca2": "rhel-cvm-up
 DEBIAN_SHIM_SIGNATURES = {"ms-2011": 0, "ms-2023": 1}
 DEBIAN_SHIM_ISSUERS = {"ms-2011": "Microsoft Corporation UEFI CA 2011", "ms-2023": "Microsoft UEFI CA 2023"}
 IMAGE_DIRECTORY_ENTRY_SECURITY = 4
+# The test CAs and their leaf keys, committed so that re-capturing the chain reproduces PCR7 and
+# tests can re-sign shim and UKI as the captured files were.  TEST KEYS: nothing may trust them.
+TEST_CAS_DIR = realbins.REPO_ROOT / "tests" / "data" / "boots" / "sb2-test-cas"
 
 
 @dataclass(frozen=True)
@@ -59,25 +62,37 @@ def microsoft_cert(name: str) -> Path:
     return path
 
 
+def load_test_cas(directory: Path = TEST_CAS_DIR) -> Dict[str, TestCa]:
+    """The committed test CAs (see make_test_cas)."""
+    cas = {tag: TestCa(directory / (tag + ".crt"), directory / (tag + "-signer.key"), directory / (tag + "-signer.crt"))
+           for tag in sorted(TEST_CA_NAMES)}
+    missing = [str(p) for ca in cas.values() for p in (ca.ca_cert, ca.leaf_key, ca.leaf_cert) if not p.exists()]
+    if missing:
+        raise SigningError("test CA files missing: " + ", ".join(missing))
+    return cas
+
+
 def make_test_cas(directory: Path) -> Dict[str, TestCa]:
     """ca1/ca2: a self-signed CA each (goes into db) and a code-signing leaf it issued."""
     directory.mkdir(parents=True, exist_ok=True)
     cas = {}
     for serial, (tag, name) in enumerate(sorted(TEST_CA_NAMES.items()), 1):
         ca_key, ca_cert = directory / (tag + ".key"), directory / (tag + ".crt")
-        leaf_key, leaf_csr, leaf_cert = (directory / (tag + "-signer" + ext) for ext in (".key", ".csr", ".crt"))
+        leaf_key, leaf_cert = directory / (tag + "-signer.key"), directory / (tag + "-signer.crt")
+        leaf_csr, extensions = directory / (tag + "-signer.csr"), directory / (tag + "-signer.ext")
         realbins.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "3650",
                       "-subj", "/CN=" + name, "-keyout", str(ca_key), "-out", str(ca_cert),
                       "-addext", "basicConstraints=critical,CA:TRUE",
                       "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
         realbins.run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=%s signer" % name,
                       "-keyout", str(leaf_key), "-out", str(leaf_csr)])
-        extensions = directory / (tag + "-signer.ext")
         extensions.write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
                               "extendedKeyUsage=codeSigning\n")
         realbins.run(["openssl", "x509", "-req", "-in", str(leaf_csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
                       "-set_serial", str(0x1000 + serial), "-days", "3650", "-sha256",
                       "-extfile", str(extensions), "-out", str(leaf_cert)])
+        leaf_csr.unlink()
+        extensions.unlink()
         cas[tag] = TestCa(ca_cert, leaf_key, leaf_cert)
     return cas
 

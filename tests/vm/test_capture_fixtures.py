@@ -210,8 +210,9 @@ class TestSignerChainFixtures:
             expected = signature_data(signing.MICROSOFT_OWNER_GUID,
                                       pem_to_der(signing.microsoft_cert(MICROSOFT_CAS[first])))
         else:
-            assert boot_json(name)["db_cert"]["owner_guid"] == signing.TEST_CA_OWNER_GUIDS[first]
-            expected = signature_data(signing.TEST_CA_OWNER_GUIDS[first], pem_to_der(BOOTS / name / "db.crt"))
+            der = pem_to_der(signing.TEST_CAS_DIR / (first + ".crt"))
+            assert hashlib.sha256(der).hexdigest() == boot_json(name)["signing"]["test_cas"][first]["sha256_fingerprint"]
+            expected = signature_data(signing.TEST_CA_OWNER_GUIDS[first], der)
         assert db_authorities(name)[0]["VariableData"] == expected.hex()
 
     def test_recorded_signatures_are_the_ones_sbverify_listed(self, name):
