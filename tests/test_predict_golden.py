@@ -108,7 +108,9 @@ SIGNER_PAIRS = [("sb2-shim-ms2011", "sb2-shim-ms2023"), ("sb2-shim-ms2023", "sb2
                 ("sb2-shim-sbat", "sb2-dbx-ms2011"),
                 # the vendor re-signs with its own CAs (test CA 1 -> CA 2, dual, and back)
                 ("sb2-dbx-ms2011", "sb2-shim-ca2"), ("sb2-shim-ca2", "sb2-shim-ca-dual"),
-                ("sb2-shim-ca-dual", "sb2-shim-ca2")]
+                ("sb2-shim-ca-dual", "sb2-shim-ca2"),
+                # a MOK enrolled by the previous boot; the UKI re-signed by it (shim logs MokListRT)
+                ("sb2-mok-enrolled", "sb2-uki-mok"), ("sb2-uki-mok", "sb2-mok-enrolled")]
 # Variables written at runtime before the next boot: the live efivarfs has them, the log not yet.
 RUNTIME_UPDATES = {("sb2-shim-sbat", "sb2-dbx-ms2011"): ("dbx",)}
 

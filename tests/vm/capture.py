@@ -125,6 +125,11 @@ SIGNER_SCENARIOS = tuple(
          Signing(("ca2",), "ca1", after="sb2-dbx-ms2011")),
         ("sb2-shim-ca-dual", "the same shim signed by test CA 1 and test CA 2, in that order",
          Signing(("ca1", "ca2"), "ca1", after="sb2-shim-ca2")),
+        ("sb2-mok-enrolled", "a MOK CA enrolled in MokList (shim mirrors it to MokListRT); shim signed by "
+         "the Microsoft UEFI CA 2023, UKI A still by test CA 1",
+         Signing(("ms-2023",), "ca1", after="sb2-shim-ca-dual", mok_certs=("mok",))),
+        ("sb2-uki-mok", "UKI A re-signed by a leaf of the MOK CA: shim verifies it through MokListRT",
+         Signing(("ms-2023",), "mok", after="sb2-mok-enrolled")),
     ))
 
 SCENARIOS = {s.name: s for s in (

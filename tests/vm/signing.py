@@ -9,8 +9,10 @@ keys issued by two test CAs that are put into db, so the firmware and shim verif
 Nothing here uses rhel_cvm_update: the fixtures must stay outside the code under test.
 """
 
+import json
 import struct
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -18,9 +20,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from tests import realbins
 
 MICROSOFT_OWNER_GUID = "77fa9abd-0359-4d32-bd60-28f4e78f784b"
+SHIM_LOCK_GUID = "605dab50-e046-4300-abb6-3dd810dd8b23"
+EFI_CERT_X509_GUID = "a5c059a1-94e4-4aa7-87b5-ab155c2bf072"
 TEST_CA_OWNER_GUIDS = {"ca1": "7f3c6f4a-2d1e-4b8a-9e5c-1a2b3c4d5e6f",   # = capture.DB_CERT_OWNER_GUID
-                       "ca2": "7f3c6f4a-2d1e-4b8a-9e5c-1a2b3c4d5e70"}
-TEST_CA_NAMES = {"ca1": "rhel-cvm-update Test UEFI CA 2011", "ca2": "rhel-cvm-update Test UEFI CA 2023"}
+                       "ca2": "7f3c6f4a-2d1e-4b8a-9e5c-1a2b3c4d5e70",
+                       "mok": SHIM_LOCK_GUID}                      # the owner mokutil gives MOKs
+TEST_CA_NAMES = {"ca1": "rhel-cvm-update Test UEFI CA 2011", "ca2": "rhel-cvm-update Test UEFI CA 2023",
+                 "mok": "rhel-cvm-update Test MOK CA"}
+DB_CAS = ("ca1", "ca2")  # "mok" goes into MokList, never into db
+TEST_CA_SERIALS = {"ca1": 0x1001, "ca2": 0x1002, "mok": 0x1003}
 # Signature slots of Debian's shimx64.efi.signed, in its certificate table.
 DEBIAN_SHIM_SIGNATURES = {"ms-2011": 0, "ms-2023": 1}
 DEBIAN_SHIM_ISSUERS = {"ms-2011": "Microsoft Corporation UEFI CA 2011", "ms-2023": "Microsoft UEFI CA 2023"}
@@ -39,6 +47,7 @@ class Signing:
     after: Optional[str] = None       # start from the OVMF variables this scenario left behind
     sbat_date: Optional[str] = None   # rewrite the datestamp of both .sbatlevel strings to this one
     dbx_certs: Tuple[str, ...] = ()   # "ms-2011": add the Microsoft UEFI CA 2011 to dbx first
+    mok_certs: Tuple[str, ...] = ()   # "mok": enroll that test CA in MokList first (as MokManager does)
 
 
 class SigningError(RuntimeError):
@@ -72,11 +81,13 @@ def load_test_cas(directory: Path = TEST_CAS_DIR) -> Dict[str, TestCa]:
     return cas
 
 
-def make_test_cas(directory: Path) -> Dict[str, TestCa]:
-    """ca1/ca2: a self-signed CA each (goes into db) and a code-signing leaf it issued."""
+def make_test_cas(directory: Path, tags: Sequence[str] = tuple(TEST_CA_NAMES)) -> Dict[str, TestCa]:
+    """A self-signed CA per tag (ca1/ca2 go into db, mok into MokList) and a code-signing
+    leaf it issued."""
     directory.mkdir(parents=True, exist_ok=True)
     cas = {}
-    for serial, (tag, name) in enumerate(sorted(TEST_CA_NAMES.items()), 1):
+    for tag in tags:
+        name, serial = TEST_CA_NAMES[tag], TEST_CA_SERIALS[tag]
         ca_key, ca_cert = directory / (tag + ".key"), directory / (tag + ".crt")
         leaf_key, leaf_cert = directory / (tag + "-signer.key"), directory / (tag + "-signer.crt")
         leaf_csr, extensions = directory / (tag + "-signer.csr"), directory / (tag + "-signer.ext")
@@ -89,7 +100,7 @@ def make_test_cas(directory: Path) -> Dict[str, TestCa]:
         extensions.write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
                               "extendedKeyUsage=codeSigning\n")
         realbins.run(["openssl", "x509", "-req", "-in", str(leaf_csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
-                      "-set_serial", str(0x1000 + serial), "-days", "3650", "-sha256",
+                      "-set_serial", str(serial), "-days", "3650", "-sha256",
                       "-extfile", str(extensions), "-out", str(leaf_cert)])
         leaf_csr.unlink()
         extensions.unlink()
@@ -229,13 +240,18 @@ def make_signing_vars(template: Path, previous: Optional[Path], out: Path, entri
     """The OVMF variables of a signer-change boot: the first starts from the Microsoft template
     with the Microsoft UEFI CA 2023 and both test CAs added to db; later ones from the
     variables the previous boot left (SbatLevel included), with dbx additions."""
+    if signing.mok_certs:  # one --set-json file: virt-fw-vars keeps only the last one given
+        merged = json.loads(entries_json.read_text())
+        merged["variables"].append(mok_list_variable([cas[tag].ca_cert for tag in signing.mok_certs]))
+        entries_json = out.with_suffix(".vars.json")
+        entries_json.write_text(json.dumps(merged))
     argv = [sys.executable, "-m", "virt.firmware.vars", "-i", str(previous or template), "-o", str(out),
             "--set-json", str(entries_json)]
     if previous is None:
         changes = ["started from %s" % template,
                    "db += Microsoft UEFI CA 2023 (virt-firmware's ms-uefi-2023.pem), owner %s" % MICROSOFT_OWNER_GUID]
         argv += ["--add-db", MICROSOFT_OWNER_GUID, str(microsoft_cert("ms-uefi-2023.pem"))]
-        for tag in sorted(cas):
+        for tag in DB_CAS:
             argv += ["--add-db", TEST_CA_OWNER_GUIDS[tag], str(cas[tag].ca_cert)]
             changes.append("db += %s (%s.crt), owner %s" % (TEST_CA_NAMES[tag], tag, TEST_CA_OWNER_GUIDS[tag]))
     else:
@@ -245,9 +261,25 @@ def make_signing_vars(template: Path, previous: Optional[Path], out: Path, entri
             raise SigningError("unknown dbx certificate %s" % tag)
         argv += ["--add-dbx-cert", MICROSOFT_OWNER_GUID, str(microsoft_cert("ms-uefi-2011.pem"))]
         changes.append("dbx += Microsoft Corporation UEFI CA 2011 (ms-uefi-2011.pem), owner %s" % MICROSOFT_OWNER_GUID)
+    if signing.mok_certs:
+        changes.append("MokList (NV|BS, as MokManager leaves it) = %s, owner %s (virt-fw-vars --set-json)"
+                       % (", ".join(TEST_CA_NAMES[t] for t in signing.mok_certs), SHIM_LOCK_GUID))
     changes.append("Boot0007 and BootOrder from efibootmgr (virt-fw-vars --set-json)")
     realbins.run(argv)
     return changes
+
+
+def mok_list_variable(certs: Sequence[Path]) -> Dict[str, object]:
+    """MokList as a virt-fw-vars --set-json entry: one EFI_SIGNATURE_LIST (X.509) per
+    certificate, owner SHIM_LOCK_GUID, attributes NON_VOLATILE|BOOTSERVICE_ACCESS (shim
+    ignores a MokList that has RUNTIME_ACCESS)."""
+    data = b""
+    for cert in certs:
+        der = realbins.run(["openssl", "x509", "-in", str(cert), "-outform", "DER"]).stdout
+        size = 16 + len(der)
+        data += uuid.UUID(EFI_CERT_X509_GUID).bytes_le + struct.pack("<III", 28 + size, 0, size)
+        data += uuid.UUID(SHIM_LOCK_GUID).bytes_le + der
+    return {"name": "MokList", "guid": SHIM_LOCK_GUID, "attr": 3, "data": data.hex()}
 
 
 def sbatlevel_strings(shim: Path, work: Path) -> Dict[str, str]:
@@ -287,5 +319,5 @@ def describe(plan: Signing, shim: Path, uki: Path, target: Path, cas: Dict[str, 
         "certificates_tool": "sbattach --detach --signum N | openssl pkcs7 -print_certs",
         "test_cas": {tag: {"subject": TEST_CA_NAMES[tag], "owner_guid": TEST_CA_OWNER_GUIDS[tag],
                            "sha256_fingerprint": realbins.cert_sha256_fingerprint(ca.ca_cert)}
-                     for tag, ca in sorted(cas.items())},
+                     for tag, ca in sorted(cas.items()) if tag in DB_CAS + plan.mok_certs},
     }

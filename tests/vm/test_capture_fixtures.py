@@ -138,9 +138,9 @@ class TestFixtureIntegrity:
         names = [e["Event"]["UnicodeName"] if e["EventType"] != "EV_SEPARATOR" else "separator" for e in events]
         firmware_policy = ["SecureBoot", "PK", "KEK", "db", "dbx", "separator"]
         if boot_json(name)["secure_boot"]:
-            # OVMF logs the db entry that verified shim; shim logs SbatLevel, then the db entry
-            # that verified the UKI.
-            assert names == firmware_policy + ["db", "SbatLevel", "db"]
+            # OVMF logs the db entry that verified shim; shim logs SbatLevel, then the db (or
+            # MokListRT) entry that verified the UKI.
+            assert names == firmware_policy + ["db", "SbatLevel", uki_allowlist(name)]
         else:
             assert names == firmware_policy + ["SbatLevel"]
 
@@ -165,18 +165,25 @@ class TestSecureBootFixtures:
     def test_db_holds_the_test_cert_and_shim_logged_it_as_the_uki_authority(self, name):
         der = subprocess.run(["openssl", "x509", "-in", str(BOOTS / name / "db.crt"), "-outform", "DER"],
                              check=True, stdout=subprocess.PIPE).stdout
-        db = (BOOTS / name / "efivars" / "db-d719b2cb-3d3a-4596-a3bc-dad00e67656f").read_bytes()
-        assert der in db
+        allowlist = uki_allowlist(name)
+        (variable,) = (BOOTS / name / "efivars").glob(allowlist + "-*")
+        assert der in variable.read_bytes()
         # The firmware logs the db entry that verified shim; shim logs the one that verified the
         # UKI, last (even when it is the same entry: shim keeps its own list of what it logged).
-        last = db_authorities(name)[-1]
+        last = db_authorities(name, allowlist)[-1]
         assert last["VariableData"] == signature_data(boot_json(name)["db_cert"]["owner_guid"], der).hex()
 
 
-def db_authorities(name):
+def uki_allowlist(name):
+    """The list whose entry verifies the UKI: MokListRT when a MOK signed it, else db."""
+    plan = capture.SCENARIOS[name].signing
+    return "MokListRT" if plan and plan.uki_signer == "mok" else "db"
+
+
+def db_authorities(name, variable="db"):
     return [e["Event"] for e in tpm2_eventlog(name)["events"]
             if e["PCRIndex"] == 7 and e["EventType"] == "EV_EFI_VARIABLE_AUTHORITY"
-            and e["Event"]["UnicodeName"] == "db"]
+            and e["Event"]["UnicodeName"] == variable]
 
 
 def signature_data(owner, der):
