@@ -383,14 +383,17 @@ def test_golden_boot_pcr4_chain(scenario):
 
 @pytest.mark.parametrize("scenario", [s for s in BOOTS if (BOOTS_DIR / s / "db.crt").is_file()])
 def test_golden_boot_pcr7_authorities(scenario):
-    """With Secure Boot on, PCR7 names the db entry that verified the UKI: the test
-    certificate enrolled with its owner GUID, as EFI_SIGNATURE_DATA (owner || DER)."""
+    """With Secure Boot on, PCR7 names the allowlist entry that verified the UKI: the test
+    certificate enrolled with its owner GUID, as EFI_SIGNATURE_DATA (owner || DER), under
+    "db", or "MokListRT" when the certificate is a MOK (in MokListRT, not in db)."""
     import ssl
 
     log, _, boot = load_boot(scenario)
     der = ssl.PEM_cert_to_DER_cert((BOOTS_DIR / scenario / "db.crt").read_text())
     owner = uuid.UUID(boot["db_cert"]["owner_guid"])
+    (db,) = (BOOTS_DIR / scenario / "efivars").glob("db-*")
+    allowlist = "db" if der in db.read_bytes() else "MokListRT"
     authorities = [tcglog.decode_event_data(e) for e in log.events
                    if e.pcr == 7 and e.event_type == tcglog.EV_EFI_VARIABLE_AUTHORITY]
-    assert any(v.name == "db" and v.data == owner.bytes_le + der for v in authorities)
+    assert any(v.name == allowlist and v.data == owner.bytes_le + der for v in authorities)
     assert any(v.name == "SbatLevel" and v.guid == SHIM_LOCK_GUID for v in authorities)
