@@ -159,21 +159,20 @@ def test_log_of_another_boot_is_refused():
         predict_from_log(current.log, other.live(), current.shim(), other.uki())
 
 
-def _both_sources(current: Boot, following: Boot):
-    efivars = efivars_before(current, following)
-    log = run_source(lambda: predict_from_log(current.log, current.live(), following.shim(), following.uki(),
-                                               booted_shim=current.shim(), booted_uki=current.uki(),
-                                               efivars_now=efivars))
-    model = run_source(lambda: predict_from_model(efivars, current.live(), current.shim(), current.uki(),
-                                                   following.shim(), following.uki()))
-    return {"log": log, "model": model}
+def _both_sources(current: Boot, shim: ImageMeasurement, uki: ImageMeasurement, efivars):
+    """Each source's run for booting ``shim`` and ``uki`` next from ``current``."""
+    return {"log": run_source(lambda: predict_from_log(current.log, current.live(), shim, uki,
+                                                       booted_shim=current.shim(), booted_uki=current.uki(),
+                                                       efivars_now=efivars)),
+            "model": run_source(lambda: predict_from_model(efivars, current.live(), current.shim(), current.uki(),
+                                                           shim, uki))}
 
 
 @pytest.mark.parametrize("now,then", SIGNER_PAIRS)
 def test_auto_agreement_equals_the_real_next_boot(now, then):
     # What `predict --source auto`, `update` and `reseal` do: run both, seal only what both say.
     current, following = Boot(now), Boot(then)
-    result = agree(_both_sources(current, following))
+    result = agree(_both_sources(current, following.shim(), following.uki(), efivars_before(current, following)))
     assert {p: result.pcrs[p] for p in (4, 7)} == following.expected()
     if (now, then) in RUNTIME_UPDATES:
         # dbx changed after this boot measured it: the model cannot reproduce today's PCR7 from
@@ -190,11 +189,7 @@ def test_a_shim_whose_first_signature_dbx_revokes_is_refused_by_both_sources():
     # dual-signed shim, CA 2011 signature first: edk2 stops at the revoked signature and refuses
     # the image although its second signature (CA 2023) would verify.
     current, dual = Boot("sb2-dbx-ms2011"), Boot("sb2-shim-dual")
-    runs = {"log": run_source(lambda: predict_from_log(current.log, current.live(), dual.shim(), current.uki(),
-                                                        booted_shim=current.shim(), booted_uki=current.uki(),
-                                                        efivars_now=current.efivars)),
-            "model": run_source(lambda: predict_from_model(current.efivars, current.live(), current.shim(),
-                                                            current.uki(), dual.shim(), current.uki()))}
+    runs = _both_sources(current, dual.shim(), current.uki(), current.efivars)
     for name, run in runs.items():
         assert isinstance(run.error, ImageRefusedError), (name, run)
         assert "dbx" in str(run.error) and "Microsoft Corporation UEFI CA 2011" in str(run.error), str(run.error)

@@ -526,6 +526,8 @@ def capture(scenario: Scenario, out_root: Path, work: Path,
                     "UKIs are rebuilt byte-identically by tests/realbins.build_uki from the same kernel, "
                     "initramfs (tests/vm/init.sh + busybox-static + the kernel's efivarfs.ko) and cmdline%s."
                     % (scenario.name, uki.record["kernel"]["version"],
+                       "; the signer chain (sb2-*) is re-captured together, in order, with the committed "
+                       "test CAs (tests/data/boots/sb2-test-cas)" if plan else
                        "; Secure Boot scenarios use a freshly generated test key, so re-capture "
                        "sb-on-uki-a and sb-on-uki-b together (one key) and expect new PCR7/UKI digests"
                        if scenario.secure_boot else "")),
@@ -533,7 +535,8 @@ def capture(scenario: Scenario, out_root: Path, work: Path,
     if plan:
         record["signing"] = signing.describe(plan, shim, uki.path, target, cas)
         db_cert, owner = cas[plan.uki_signer].ca_cert, signing.TEST_CA_OWNER_GUIDS[plan.uki_signer]
-        note = "the test CA in db that anchors the UKI's signer; its private key is not kept"
+        note = ("the test CA (tests/data/boots/sb2-test-cas) that anchors the UKI's signer, in db or, "
+                "for the MOK, in MokList")
     else:
         db_cert, owner = (keys[1] if keys else None), DB_CERT_OWNER_GUID
         note = "self-signed test db certificate; its private key is not kept"
@@ -578,7 +581,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         keys = cas = None
-        if any(SCENARIOS[n].secure_boot for n in names):
+        if any(SCENARIOS[n].secure_boot and not SCENARIOS[n].signing for n in names):
             keys = realbins.make_test_keys(work / "keys")
         if any(SCENARIOS[n].signing for n in names):
             cas = (signing.make_test_cas(signing.TEST_CAS_DIR) if args.new_test_cas

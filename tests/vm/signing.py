@@ -5,7 +5,8 @@ whose Authenticode certificate table holds a chosen list of signatures, a shim w
 Microsoft's signatures are the real ones on Debian's shim (signature 1 chains to the Microsoft
 UEFI CA 2011, signature 2 to the Microsoft UEFI CA 2023, as ``sbverify --list`` shows); the
 tables here only select and reorder them.  Our own signatures come from ``sbsign`` with leaf
-keys issued by two test CAs that are put into db, so the firmware and shim verify real chains.
+keys issued by test CAs: two are put into db, one into MokList (the MOK), so the firmware and
+shim verify real chains.
 Nothing here uses rhel_cvm_update: the fixtures must stay outside the code under test.
 """
 
@@ -43,7 +44,7 @@ class Signing:
     """How a signer-change boot differs from a plain Secure Boot one."""
 
     shim_signatures: Tuple[str, ...]  # table order: "ms-2011"/"ms-2023" (Debian's) or "ca1"/"ca2" (our leaf)
-    uki_signer: str                   # "ca1" or "ca2"
+    uki_signer: str                   # "ca1", "ca2" (db) or "mok" (MokList)
     after: Optional[str] = None       # start from the OVMF variables this scenario left behind
     sbat_date: Optional[str] = None   # rewrite the datestamp of both .sbatlevel strings to this one
     dbx_certs: Tuple[str, ...] = ()   # "ms-2011": add the Microsoft UEFI CA 2011 to dbx first
@@ -60,6 +61,10 @@ class TestCa:
     leaf_key: Path
     leaf_cert: Path
 
+    @classmethod
+    def in_directory(cls, directory: Path, tag: str) -> "TestCa":
+        return cls(directory / (tag + ".crt"), directory / (tag + "-signer.key"), directory / (tag + "-signer.crt"))
+
 
 def microsoft_cert(name: str) -> Path:
     """A Microsoft certificate as virt-firmware ships it (ms-uefi-2011.pem, ms-uefi-2023.pem)."""
@@ -73,8 +78,7 @@ def microsoft_cert(name: str) -> Path:
 
 def load_test_cas(directory: Path = TEST_CAS_DIR) -> Dict[str, TestCa]:
     """The committed test CAs (see make_test_cas)."""
-    cas = {tag: TestCa(directory / (tag + ".crt"), directory / (tag + "-signer.key"), directory / (tag + "-signer.crt"))
-           for tag in sorted(TEST_CA_NAMES)}
+    cas = {tag: TestCa.in_directory(directory, tag) for tag in sorted(TEST_CA_NAMES)}
     missing = [str(p) for ca in cas.values() for p in (ca.ca_cert, ca.leaf_key, ca.leaf_cert) if not p.exists()]
     if missing:
         raise SigningError("test CA files missing: " + ", ".join(missing))
@@ -88,8 +92,8 @@ def make_test_cas(directory: Path, tags: Sequence[str] = tuple(TEST_CA_NAMES)) -
     cas = {}
     for tag in tags:
         name, serial = TEST_CA_NAMES[tag], TEST_CA_SERIALS[tag]
-        ca_key, ca_cert = directory / (tag + ".key"), directory / (tag + ".crt")
-        leaf_key, leaf_cert = directory / (tag + "-signer.key"), directory / (tag + "-signer.crt")
+        ca = TestCa.in_directory(directory, tag)
+        ca_key, ca_cert, leaf_key, leaf_cert = directory / (tag + ".key"), ca.ca_cert, ca.leaf_key, ca.leaf_cert
         leaf_csr, extensions = directory / (tag + "-signer.csr"), directory / (tag + "-signer.ext")
         realbins.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "3650",
                       "-subj", "/CN=" + name, "-keyout", str(ca_key), "-out", str(ca_cert),
@@ -104,7 +108,7 @@ def make_test_cas(directory: Path, tags: Sequence[str] = tuple(TEST_CA_NAMES)) -
                       "-extfile", str(extensions), "-out", str(leaf_cert)])
         leaf_csr.unlink()
         extensions.unlink()
-        cas[tag] = TestCa(ca_cert, leaf_key, leaf_cert)
+        cas[tag] = ca
     return cas
 
 
@@ -179,8 +183,8 @@ def section_file_range(pe: Path, name: str) -> Tuple[int, int]:
     raise SigningError("%s has no %s section" % (pe, name))
 
 
-def build_shim(debian_shim: Path, signing: Signing, cas: Dict[str, TestCa], out: Path) -> Path:
-    """Debian's signed shim with the table ``signing.shim_signatures`` (and a newer
+def build_shim(debian_shim: Path, plan: Signing, cas: Dict[str, TestCa], out: Path) -> Path:
+    """Debian's signed shim with the table ``plan.shim_signatures`` (and a newer
     .sbatlevel, which voids Microsoft's signatures: only ours can sign that one)."""
     original = debian_shim.read_bytes()
     microsoft = signature_entries(original)
@@ -190,14 +194,14 @@ def build_shim(debian_shim: Path, signing: Signing, cas: Dict[str, TestCa], out:
             raise SigningError("%s signature %d is not by the %s: %s"
                                % (debian_shim, index + 1, DEBIAN_SHIM_ISSUERS[tag], issuers[index]))
     unsigned = with_signature_entries(original, [])
-    if signing.sbat_date:
-        if any(t in DEBIAN_SHIM_SIGNATURES for t in signing.shim_signatures):
+    if plan.sbat_date:
+        if any(t in DEBIAN_SHIM_SIGNATURES for t in plan.shim_signatures):
             raise SigningError("a shim with a rewritten .sbatlevel cannot keep Microsoft's signatures")
-        unsigned = rewrite_sbatlevel_date(unsigned, section_file_range(debian_shim, ".sbatlevel"), signing.sbat_date)
+        unsigned = rewrite_sbatlevel_date(unsigned, section_file_range(debian_shim, ".sbatlevel"), plan.sbat_date)
     stripped = out.with_suffix(".unsigned.efi")
     stripped.write_bytes(unsigned)
     entries = []
-    for tag in signing.shim_signatures:
+    for tag in plan.shim_signatures:
         if tag in DEBIAN_SHIM_SIGNATURES:
             entries.append(microsoft[DEBIAN_SHIM_SIGNATURES[tag]])
         else:
@@ -236,13 +240,13 @@ def signature_certificates(pe: Path, count: int, directory: Path, prefix: str) -
 
 
 def make_signing_vars(template: Path, previous: Optional[Path], out: Path, entries_json: Path,
-                      signing: Signing, cas: Dict[str, TestCa]) -> List[str]:
+                      plan: Signing, cas: Dict[str, TestCa]) -> List[str]:
     """The OVMF variables of a signer-change boot: the first starts from the Microsoft template
-    with the Microsoft UEFI CA 2023 and both test CAs added to db; later ones from the
-    variables the previous boot left (SbatLevel included), with dbx additions."""
-    if signing.mok_certs:  # one --set-json file: virt-fw-vars keeps only the last one given
+    with the Microsoft UEFI CA 2023 and both db test CAs added to db; later ones from the
+    variables the previous boot left (SbatLevel included); then dbx and MokList additions."""
+    if plan.mok_certs:  # one --set-json file: virt-fw-vars keeps only the last one given
         merged = json.loads(entries_json.read_text())
-        merged["variables"].append(mok_list_variable([cas[tag].ca_cert for tag in signing.mok_certs]))
+        merged["variables"].append(mok_list_variable([cas[tag].ca_cert for tag in plan.mok_certs]))
         entries_json = out.with_suffix(".vars.json")
         entries_json.write_text(json.dumps(merged))
     argv = [sys.executable, "-m", "virt.firmware.vars", "-i", str(previous or template), "-o", str(out),
@@ -255,15 +259,15 @@ def make_signing_vars(template: Path, previous: Optional[Path], out: Path, entri
             argv += ["--add-db", TEST_CA_OWNER_GUIDS[tag], str(cas[tag].ca_cert)]
             changes.append("db += %s (%s.crt), owner %s" % (TEST_CA_NAMES[tag], tag, TEST_CA_OWNER_GUIDS[tag]))
     else:
-        changes = ["started from the variables scenario %s left after its boot" % signing.after]
-    for tag in signing.dbx_certs:
+        changes = ["started from the variables scenario %s left after its boot" % plan.after]
+    for tag in plan.dbx_certs:
         if tag != "ms-2011":
             raise SigningError("unknown dbx certificate %s" % tag)
         argv += ["--add-dbx-cert", MICROSOFT_OWNER_GUID, str(microsoft_cert("ms-uefi-2011.pem"))]
         changes.append("dbx += Microsoft Corporation UEFI CA 2011 (ms-uefi-2011.pem), owner %s" % MICROSOFT_OWNER_GUID)
-    if signing.mok_certs:
+    if plan.mok_certs:
         changes.append("MokList (NV|BS, as MokManager leaves it) = %s, owner %s (virt-fw-vars --set-json)"
-                       % (", ".join(TEST_CA_NAMES[t] for t in signing.mok_certs), SHIM_LOCK_GUID))
+                       % (", ".join(TEST_CA_NAMES[t] for t in plan.mok_certs), SHIM_LOCK_GUID))
     changes.append("Boot0007 and BootOrder from efibootmgr (virt-fw-vars --set-json)")
     realbins.run(argv)
     return changes
@@ -282,17 +286,13 @@ def mok_list_variable(certs: Sequence[Path]) -> Dict[str, object]:
     return {"name": "MokList", "guid": SHIM_LOCK_GUID, "attr": 3, "data": data.hex()}
 
 
-def sbatlevel_strings(shim: Path, work: Path) -> Dict[str, str]:
+def sbatlevel_strings(shim: Path) -> Dict[str, str]:
     """The previous and latest level strings of a shim's .sbatlevel, extracted by objcopy
     (header: u32 version, then the two offsets, relative to the end of the version field)."""
-    out = work / "sbatlevel.bin"
-    realbins.run(["objcopy", "-O", "binary", "--only-section=.sbatlevel", str(shim), str(out)])
-    data = out.read_bytes()
-    out.unlink()
+    data = realbins.extract_section(shim, ".sbatlevel", shim.with_suffix(".sbatlevel.bin")).read_bytes()
     _, previous, latest = struct.unpack_from("<III", data)
-    text = {name: data[4 + at:data.index(b"\0", 4 + at)].decode() for name, at in
+    return {name: data[4 + at:data.index(b"\0", 4 + at)].decode() for name, at in
             (("previous", previous), ("latest", latest))}
-    return text
 
 
 def describe(plan: Signing, shim: Path, uki: Path, target: Path, cas: Dict[str, TestCa]) -> Dict[str, object]:
@@ -303,10 +303,7 @@ def describe(plan: Signing, shim: Path, uki: Path, target: Path, cas: Dict[str, 
                            % (len(shim_issuers), len(uki_issuers), len(plan.shim_signatures)))
     shim_files = signature_certificates(shim, len(shim_issuers), target, "shim")
     (uki_file,) = signature_certificates(uki, 1, target, "uki")
-    sbat = target / "sbat.csv"
-    realbins.run(["objcopy", "-O", "binary", "--only-section=.sbat", str(shim), str(sbat)])
-    csv = sbat.read_bytes().rstrip(b"\0").decode()
-    sbat.unlink()
+    csv = realbins.extract_section(shim, ".sbat", shim.with_suffix(".sbat.csv")).read_bytes().rstrip(b"\0").decode()
     return {
         "after": plan.after,
         "dbx_added": list(plan.dbx_certs),
@@ -314,7 +311,7 @@ def describe(plan: Signing, shim: Path, uki: Path, target: Path, cas: Dict[str, 
                             for tag, name, issuers in zip(plan.shim_signatures, shim_files, shim_issuers)],
         "uki_signatures": [{"signer": plan.uki_signer, "certificates": uki_file,
                             "sbverify_issuers": uki_issuers[0].strip()}],
-        "shim_sbatlevel": sbatlevel_strings(shim, target),
+        "shim_sbatlevel": sbatlevel_strings(shim),
         "shim_sbat": csv,
         "certificates_tool": "sbattach --detach --signum N | openssl pkcs7 -print_certs",
         "test_cas": {tag: {"subject": TEST_CA_NAMES[tag], "owner_guid": TEST_CA_OWNER_GUIDS[tag],

@@ -16,23 +16,15 @@ import pytest
 from tests import realbins
 from tests.vm import capture, signing
 from tests.test_predict_golden import RUNTIME_UPDATES, SIGNER_PAIRS
+from tests.vm.test_capture_fixtures import boot_json, read_pcrs
 
 pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parents[2]
 BOOTS = REPO / "tests" / "data" / "boots"
 
 
-def boot_json(name):
-    return json.loads((BOOTS / name / "boot.json").read_text())
-
-
 def pcrs(name):
-    values = {}
-    for line in (BOOTS / name / "pcrs.txt").read_text().splitlines():
-        if not line.startswith("#"):
-            alg, index, value = line.split()
-            values[(alg, int(index))] = value
-    return values
+    return read_pcrs(BOOTS / name / "pcrs.txt")
 
 
 @pytest.fixture(scope="module")
