@@ -29,7 +29,7 @@ import os
 from typing import List, Optional, Sequence, Tuple
 
 from rhel_cvm_update.adapters.efivarfs import NV_BS_RT, EfiVarFs
-from rhel_cvm_update.adapters.esp import Esp, EspPartition, UkiFile
+from rhel_cvm_update.adapters.esp import Esp, EspPartition, UkiFile, locate_esp
 from rhel_cvm_update.errors import ConfigError, CvmUpdateError, FormatError, TransactionError
 from rhel_cvm_update.formats.bootcsv import BootCsvEntry, boot_csv_bytes
 from rhel_cvm_update.formats.devpath import (END, END_ENTIRE, END_ENTIRE_NODE, FilePathNode,
@@ -342,3 +342,10 @@ class BootManager:
 
 def _next_text(number: Optional[int]) -> str:
     return "(none)" if number is None else f"{number:04X}"
+
+
+def open_boot_manager(config, need_partition: bool = False) -> BootManager:
+    """The boot manager over the configured efivarfs and ESP.  ``need_partition``: locate the
+    ESP's GPT partition too, which only creating an entry needs."""
+    partition = locate_esp(config.esp_device, config.esp) if need_partition else None
+    return BootManager(EfiVarFs(config.efivars), Esp(config.esp), config.vendor, config.uki_dir, partition)

@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import datetime
 import hmac
-import json
 import os
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -31,10 +30,9 @@ from rhel_cvm_update.errors import ConfigError, MachineError, UnsupportedError
 from rhel_cvm_update.formats import tpm_policy
 from rhel_cvm_update.formats.luks_token import SystemdTpm2Token
 from rhel_cvm_update.secrets import Secret
-from rhel_cvm_update.trust import check_trusted_path, ensure_trusted_dir, require_live_checked
+from rhel_cvm_update.trust import check_trusted_path, require_live_checked
 
 PCR_BANK = "sha256"
-RESULT_FILE = "last-reseal.json"
 SECRET_SIZE = 32  # systemd seals 256 random bits (reference 4.2)
 _PCR_OPTION_RE = re.compile(r"^([0-9]{1,2})=([0-9a-fA-F]{64})$")
 _UNSUPPORTED_POLICY_FIELDS = ("tpm2_pubkey", "tpm2_pubkey_pcrs", "tpm2_pcrlock")
@@ -167,22 +165,6 @@ def _import_verified(luks, token: SystemdTpm2Token, token_id: int, passphrase: S
         raise
 
 
-def write_result(state_dir: str, result: Mapping[str, Any]) -> None:
-    """Record the last result (no secrets) atomically in the state directory."""
-    ensure_trusted_dir(state_dir, "state directory")
-    try:
-        path = os.path.join(state_dir, RESULT_FILE)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise MachineError(f"cannot write {state_dir}/{RESULT_FILE}: {e.strerror}") from None
-
-
 def reseal(config, luks, tpm, *, uki: Optional[str] = None, pcr_values: Optional[Dict[int, bytes]] = None,
            key: Optional[Secret] = None, dry_run: bool = False) -> Dict[str, Any]:
     """See the module docstring.  ``luks`` is a Cryptsetup, ``tpm`` an open Tpm."""
@@ -241,11 +223,10 @@ def reseal(config, luks, tpm, *, uki: Optional[str] = None, pcr_values: Optional
                 luks.kill_keyslot(slot)
                 raise
     result.update(action="added", token=token_id, keyslot=slot)
-    write_result(config.state_dir, result)
     return result
 
 
-def enroll_from_tpm2_import(config, luks, tpm, *, dry_run: bool = False) -> Dict[str, Any]:
+def enroll_from_tpm2_import(luks, tpm, *, dry_run: bool = False) -> Dict[str, Any]:
     """Convert every tpm2-import token into a systemd-tpm2 token on the same keyslot,
     sealed to the same policy, then remove the import token."""
     meta = luks.metadata()
@@ -285,7 +266,46 @@ def enroll_from_tpm2_import(config, luks, tpm, *, dry_run: bool = False) -> Dict
         luks.remove_token(import_id)
         entry.update(action="converted", token=token_id)
         converted.append(entry)
-    result = {"device": luks.device, "dry_run": dry_run, "converted": converted}
-    if not dry_run:
-        write_result(config.state_dir, result)
+    return {"device": luks.device, "dry_run": dry_run, "converted": converted}
+
+
+def _checked_luks(config):
+    """The configured LUKS2 device, its header checked before the TPM is opened: a device that
+    is not LUKS2 is the admin's to fix (exit 2), not a failure of the machine."""
+    from rhel_cvm_update.adapters.cryptsetup import Cryptsetup, resolve_device
+
+    luks = Cryptsetup(resolve_device(config.luks_device))
+    luks.check_header()
+    return luks
+
+
+def run_reseal(config, *, uki: Optional[str] = None, pcr_values: Optional[Dict[int, bytes]] = None,
+               key_fd: Optional[int] = None, dry_run: bool = False) -> Dict[str, Any]:
+    """``reseal`` as the CLI runs it: the device checked, then under the state lock (a dry run
+    takes none) the TPM opened and ``reseal`` run, its result recorded.  ``key_fd``: read the
+    existing passphrase from it (first enrolment), only after the device was checked."""
+    from rhel_cvm_update.adapters.tpm import Tpm
+    from rhel_cvm_update.journal import writing_command
+
+    luks = _checked_luks(config)
+    key = Secret.read_from_fd(key_fd) if key_fd is not None else None
+    try:
+        with writing_command(config.state_dir, "reseal", dry_run=dry_run) as record, Tpm(config.tpm) as tpm:
+            result = reseal(config, luks, tpm, uki=uki, pcr_values=pcr_values, key=key, dry_run=dry_run)
+            record(result)
+    finally:
+        if key is not None:
+            key.wipe()
+    return result
+
+
+def run_enroll(config, *, dry_run: bool = False) -> Dict[str, Any]:
+    """``enroll --from-tpm2-import`` as the CLI runs it (see ``run_reseal``)."""
+    from rhel_cvm_update.adapters.tpm import Tpm
+    from rhel_cvm_update.journal import writing_command
+
+    luks = _checked_luks(config)
+    with writing_command(config.state_dir, "enroll", dry_run=dry_run) as record, Tpm(config.tpm) as tpm:
+        result = enroll_from_tpm2_import(luks, tpm, dry_run=dry_run)
+        record(result)
     return result

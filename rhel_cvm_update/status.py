@@ -1,8 +1,8 @@
 """What `rhel-cvm-update status` knows, without the TPM, in well under a second.
 
-Sources: the journal and last result in state_dir, efivarfs (BootCurrent, BootNext,
-BootOrder, the Boot#### entries), the LUKS2 header's JSON (``cryptsetup luksDump
---dump-json-metadata``), the ESP (uki_dir, shim), and the live PCRs -- from
+Sources: the journal and last result in state_dir (journal.py), efivarfs (BootCurrent,
+BootNext, BootOrder, the Boot#### entries), the LUKS2 header's JSON (read from the header
+bytes, formats/luks2_header.py, without starting cryptsetup), the ESP (uki_dir, shim), and the live PCRs -- from
 ``/sys/class/tpm/tpm0/pcr-sha256/N`` where the kernel offers them, else replayed from the
 event log, else as the last transaction recorded them (the JSON says which).
 
@@ -10,18 +10,19 @@ Exit codes: 0 the next boot will unlock; 1 attention is needed (``attention`` sa
 run); 2 error (something could not be read).
 """
 
+import dataclasses
 import hmac
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from rhel_cvm_update.errors import CvmUpdateError
-from rhel_cvm_update.transaction import LIVE_CHAIN_STATUSES, RESULT_FILE, empty_journal, read_journal, read_json
+from rhel_cvm_update.journal import Journal, LiveReading, read_last_result
 
 SYSFS_PCRS = "/sys/class/tpm/tpm0/pcr-sha256"
 EXIT_OK, EXIT_ATTENTION, EXIT_ERROR = 0, 1, 2
 
 
-def live_pcrs(config, journal: Dict[str, Any], sysfs: str = SYSFS_PCRS) -> Tuple[Optional[Dict[int, bytes]], str]:
+def live_pcrs(config, recorded: Optional[LiveReading], sysfs: str = SYSFS_PCRS) -> Tuple[Optional[Dict[int, bytes]], str]:
     try:
         return {p: bytes.fromhex(open(os.path.join(sysfs, str(p))).read().strip()) for p in config.pcrs}, "sysfs"
     except (OSError, ValueError):
@@ -35,18 +36,15 @@ def live_pcrs(config, journal: Dict[str, Any], sysfs: str = SYSFS_PCRS) -> Tuple
             return {p: replayed[p] for p in config.pcrs}, "event-log"
     except CvmUpdateError:
         pass
-    recorded = (journal.get("live") or {}).get("pcrs")
-    if recorded:
-        return {int(p): bytes.fromhex(v) for p, v in recorded.items()}, "recorded " + journal["live"]["read"]
+    if recorded is not None and recorded.pcrs:
+        return {int(p): bytes.fromhex(v) for p, v in recorded.pcrs.items()}, "recorded " + recorded.read
     return None, "unknown"
 
 
 def _boot_state(config) -> Dict[str, Any]:
-    from rhel_cvm_update.adapters.efivarfs import EfiVarFs
-    from rhel_cvm_update.adapters.esp import Esp
-    from rhel_cvm_update.bootmgr import BootManager
+    from rhel_cvm_update.bootmgr import open_boot_manager
 
-    state = BootManager(EfiVarFs(config.efivars), Esp(config.esp), config.vendor, config.uki_dir).state()
+    state = open_boot_manager(config).state()
     entries = [{"entry": e.name, "description": e.option.description if e.option else None,
                 "uki": e.option.optional_data_path() if e.option else None, "managed": e.managed,
                 "error": e.error} for e in state.entries]
@@ -56,19 +54,11 @@ def _boot_state(config) -> Dict[str, Any]:
 
 
 def _luks_header(config):
-    """The header's keyslots and tokens, checked by the same parser the transaction uses
-    (a hostile header is a FormatError naming the field, not a crash)."""
-    import subprocess
+    """The header's keyslots and tokens, from its bytes and checked by the same parser the
+    transaction uses (a hostile header is a FormatError naming the field, not a crash)."""
+    from rhel_cvm_update.adapters.cryptsetup import Cryptsetup, resolve_device
 
-    from rhel_cvm_update.adapters.cryptsetup import resolve_device
-    from rhel_cvm_update.formats.luks_token import LuksMetadata
-
-    device = resolve_device(config.luks_device)
-    result = subprocess.run(["cryptsetup", "luksDump", "--dump-json-metadata", device], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, timeout=30)
-    if result.returncode:
-        raise CvmUpdateError(f"cannot read the LUKS2 header of {device}: {result.stderr.decode().strip()}")
-    return LuksMetadata.from_json_bytes(result.stdout, source=device)
+    return Cryptsetup(resolve_device(config.luks_device)).header_metadata()
 
 
 def _host_path(config, efi_path: Optional[str]) -> Optional[str]:
@@ -108,18 +98,19 @@ def collect_status(config) -> Dict[str, Any]:
 
     attention: List[str] = []
     errors: List[str] = []
+    journal: Optional[Journal] = None
     try:
-        journal = read_journal(config.state_dir)
+        journal = Journal(config.state_dir)
     except CvmUpdateError as e:
-        journal = empty_journal()
         errors.append(str(e))
     try:
-        last = read_json(os.path.join(config.state_dir, RESULT_FILE))
+        last = read_last_result(config.state_dir)
     except CvmUpdateError as e:
         last = None
         errors.append(str(e))
-    chains = journal["chains"]
-    live, live_source = live_pcrs(config, journal)
+    chains = journal.chains if journal is not None else {}
+    live_chains = {k: c for k, c in chains.items() if c.live}
+    live, live_source = live_pcrs(config, journal.live if journal is not None else None)
     live_policy = policy_pcr(live, "sha256").hex() if live and sorted(live) == list(config.pcrs) else None
 
     try:
@@ -129,7 +120,7 @@ def collect_status(config) -> Dict[str, Any]:
         errors.append(str(e))
     entry_uki = {e["entry"]: e["uki"] for e in boot["entries"]}
     booted_uki = entry_uki.get(boot["boot_current"])
-    staged = next((c for c in chains.values() if c["status"] == "staged"), None)
+    staged = next((c for c in chains.values() if c.status == "staged"), None)
 
     tokens: List[Dict[str, Any]] = []
     keyslots: List[Dict[str, Any]] = []
@@ -141,20 +132,20 @@ def collect_status(config) -> Dict[str, Any]:
     except (CvmUpdateError, OSError) as e:
         header = None
         errors.append(str(e))
-    by_token = {c["token"]: c for c in chains.values() if c["status"] in LIVE_CHAIN_STATUSES}
+    by_token = {c.token: c for c in live_chains.values()}
     for token_id, token in sorted(header_tokens.items()):
         slots = [int(s) for s in token["keyslots"]]
         chain = by_token.get(token_id)
         policy = token.get("tpm2-policy-hash")
-        accounted = chain is not None and chain["policy_hash"] == policy
+        accounted = chain is not None and chain.policy_hash == policy
         tokens.append({"token": token_id, "type": token.get("type"), "keyslots": slots,
                        "pcrs": token.get("tpm2-pcrs"), "pcr_bank": token.get("tpm2-pcr-bank"),
                        "pin": bool(token.get("tpm2-pin")), "policy_hash": policy,
                        "matches_current_boot": bool(live_policy and policy
                                                     and hmac.compare_digest(policy, live_policy)),
-                       "matches_staged_boot": bool(staged and policy == staged["policy_hash"]),
-                       "uki": chain["uki"] if accounted else None,
-                       "chain_status": chain["status"] if accounted else None})
+                       "matches_staged_boot": bool(staged and policy == staged.policy_hash),
+                       "uki": chain.uki if accounted else None,
+                       "chain_status": chain.status if accounted else None})
         if not accounted:
             unaccounted.append(f"token {token_id} ({token.get('type')}, keyslots {slots}): not this tool's, kept")
     if header is not None:
@@ -172,21 +163,21 @@ def collect_status(config) -> Dict[str, Any]:
         errors.append(shim_error)
     # A UKI can have several chains (before and after a shim update): the next boot is the
     # one with the shim on the ESP now.
-    next_chain = next((c for c in chains.values() if c["status"] in LIVE_CHAIN_STATUSES
-                       and (c.get("esp_path") or "").lower() == (next_uki or "").lower()
-                       and c["shim_digest"] == shim_digest), None)
+    next_chain = next((c for c in live_chains.values()
+                       if (c.esp_path or "").lower() == (next_uki or "").lower() and c.shim_digest == shim_digest),
+                      None)
     will_unlock, why = False, "no Boot entry to start"
     live_tokens = [t for t in tokens if t["matches_current_boot"]]
     if next_chain is not None:
-        token = header_tokens.get(next_chain["token"])
-        will_unlock = bool(token and token.get("tpm2-policy-hash") == next_chain["policy_hash"])
-        why = (f"token {next_chain['token']} is sealed to its predicted PCRs" if will_unlock
-               else f"its token {next_chain['token']} is missing from the header")
-        uki_file = next_chain.get("uki")
+        token = header_tokens.get(next_chain.token)
+        will_unlock = bool(token and token.get("tpm2-policy-hash") == next_chain.policy_hash)
+        why = (f"token {next_chain.token} is sealed to its predicted PCRs" if will_unlock
+               else f"its token {next_chain.token} is missing from the header")
+        uki_file = next_chain.uki
         if will_unlock and uki_file and not os.path.exists(uki_file):
             will_unlock, why = False, f"{uki_file} is gone: the firmware will skip the entry"
-        if will_unlock and next_chain.get("mtime") and uki_file and os.path.exists(uki_file) \
-                and os.stat(uki_file).st_mtime != next_chain["mtime"]:
+        if will_unlock and next_chain.mtime and uki_file and os.path.exists(uki_file) \
+                and os.stat(uki_file).st_mtime != next_chain.mtime:
             will_unlock, why = False, f"{uki_file} changed since it was sealed"
     elif next_entry and next_entry == boot["boot_current"] and live_tokens:
         will_unlock, why = True, (f"it is the chain booted now and token {live_tokens[0]['token']} is sealed "
@@ -196,13 +187,13 @@ def collect_status(config) -> Dict[str, Any]:
     elif next_entry:
         why = f"{next_entry} ({next_uki}) has no token of this tool"
     notes: List[str] = []
-    if next_chain is not None and next_chain.get("sources_ran") is not None and next_chain.get("agreed") is None:
-        notes.append(f"the next boot's PCRs were predicted by the {' and '.join(next_chain['sources_ran'])} "
+    if next_chain is not None and next_chain.sources_ran is not None and next_chain.agreed is None:
+        notes.append(f"the next boot's PCRs were predicted by the {' and '.join(next_chain.sources_ran)} "
                      f"source only: the other could not run, so nothing cross-checked them")
     if not will_unlock:
         attention.append(f"the next boot ({next_entry or 'none'}) may not unlock: {why}; run 'rhel-cvm-update update'")
 
-    known_paths = {c.get("uki") for c in chains.values() if c["status"] in LIVE_CHAIN_STATUSES or c["status"] == "retired"}
+    known_paths = {c.uki for c in chains.values()}
     try:
         ukis = sorted(os.path.join(config.uki_dir, n) for n in os.listdir(config.uki_dir) if n.lower().endswith(".efi"))
     except OSError:
@@ -211,18 +202,19 @@ def collect_status(config) -> Dict[str, Any]:
     new = [u for u in ukis if u not in known_paths and os.path.realpath(u) != booted_file]
     if new:
         attention.append("UKIs not sealed yet: " + ", ".join(new) + "; run 'rhel-cvm-update update'")
-    if journal.get("pending"):
-        p = journal["pending"]
-        attention.append(f"an interrupted {p['kind']} (at {p['step']}:{p['phase']}); "
-                         f"run 'rhel-cvm-update {p['kind']}' to finish it")
-    if journal.get("trial_failed"):
-        t = journal["trial_failed"]
-        attention.append(f"the trial boot of {t['staged_uki']} failed (the VM came up with {t['booted_uki']}); "
+    pending = journal.pending if journal is not None else None
+    trial_failed = journal.trial_failed if journal is not None else None
+    if pending is not None:
+        attention.append(f"an interrupted {pending.kind} (at {pending.step}:{pending.phase}); "
+                         f"run 'rhel-cvm-update {pending.kind}' to finish it")
+    if trial_failed is not None:
+        attention.append(f"the trial boot of {trial_failed.staged_uki} failed (the VM came up with "
+                         f"{trial_failed.booted_uki}); "
                          "check that kernel, then remove it or run 'rhel-cvm-update update' after fixing it")
     if last and last.get("outcome") in ("refused", "failed"):
         attention.append(f"the last {last.get('command')} {last['outcome']}: {last.get('reason')}")
-    if staged and staged.get("entry") is not None and boot["boot_next"] != f"Boot{staged['entry']:04X}":
-        attention.append(f"{staged['uki']} is staged but BootNext does not name it; run 'rhel-cvm-update update'")
+    if staged and staged.entry is not None and boot["boot_next"] != f"Boot{staged.entry:04X}":
+        attention.append(f"{staged.uki} is staged but BootNext does not name it; run 'rhel-cvm-update update'")
 
     exit_code = EXIT_ERROR if errors else (EXIT_ATTENTION if attention else EXIT_OK)
     return {
@@ -231,19 +223,19 @@ def collect_status(config) -> Dict[str, Any]:
         "live_pcrs": {"source": live_source,
                       "sha256": {str(p): v.hex() for p, v in sorted(live.items())} if live else None},
         "next_boot": {"entry": next_entry, "uki": next_uki, "will_unlock": will_unlock, "why": why,
-                      "prediction_sources": next_chain.get("sources_ran") if next_chain else None,
-                      "sources_agreed": next_chain.get("agreed") if next_chain else None},
-        "staged": {"uki": staged["uki"], "entry": f"Boot{staged['entry']:04X}" if staged.get("entry") is not None
-                   else None, "token": staged["token"]} if staged else None,
+                      "prediction_sources": next_chain.sources_ran if next_chain else None,
+                      "sources_agreed": next_chain.agreed if next_chain else None},
+        "staged": {"uki": staged.uki, "entry": f"Boot{staged.entry:04X}" if staged.entry is not None
+                   else None, "token": staged.token} if staged else None,
         "tokens": tokens,
         "keyslots": keyslots,
         "unaccounted": unaccounted,
         "boot_entries": boot["entries"],
         "boot_order": boot["boot_order"],
         "boot_next": boot["boot_next"],
-        "chains": [dict(c, key=k) for k, c in sorted(chains.items()) if c["status"] != "retired"],
-        "pending": journal.get("pending"),
-        "trial_failed": journal.get("trial_failed"),
+        "chains": [dict(c.to_json(), key=k) for k, c in sorted(chains.items()) if c.status != "retired"],
+        "pending": pending.to_json() if pending is not None else None,
+        "trial_failed": dataclasses.asdict(trial_failed) if trial_failed is not None else None,
         "last_result": last,
         "attention": attention,
         "notes": notes,

@@ -21,9 +21,9 @@
              and nothing changes;
 6. remove  - retire chains beyond the booted one and ``keep_previous`` older ones.
 
-Crash safety: the journal (``state_dir/journal.json``: temp file, fsync, rename, fsync of the
-directory) records each step before and after it runs, the keyslot a seal is about to take,
-and the chains a removal is about to delete.  Every step is safe to repeat: a rerun undoes
+Crash safety: the journal (journal.py: ``state_dir/journal.json``, written atomically)
+records each step before and after it runs, the keyslot a seal is about to take, and the
+chains a removal is about to delete.  Every step is safe to repeat: a rerun undoes
 an interrupted seal (kills the keyslot it reserved unless a token already names it), finishes
 an interrupted removal, and otherwise runs the steps again, which find their work done.  The
 order of writes keeps a working way in at every instant: a keyslot before its token, a token
@@ -31,7 +31,7 @@ before the entry that boots it, BootNext only to an entry whose token exists; re
 the entry first, then the token, then the keyslot; the booted chain and the chain of the next
 boot are never removed, nor any token or keyslot the journal does not account for.
 
-One ``flock`` on ``state_dir/lock`` serialises the path unit, dnf hooks and admin commands.
+Both run under the state lock (``journal.writing_command``), as every command that writes does.
 
 Test hook (fault injection): ``RHEL_CVM_UPDATE_CRASH_AT=<step>:<before|inside|after>`` makes
 the process SIGKILL itself at that point; ``inside`` is after the first write of the step.
@@ -39,174 +39,24 @@ the process SIGKILL itself at that point; ``inside`` is after the first write of
 
 import contextlib
 import dataclasses
-import datetime
-import errno
-import fcntl
-import json
 import os
 import signal
-import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from rhel_cvm_update.errors import CvmUpdateError, MachineError, PredictionError, TransactionError
-from rhel_cvm_update.trust import check_trusted_path, check_trusted_stat, ensure_trusted_dir, require_live_checked
+from rhel_cvm_update.errors import CvmUpdateError, MachineError, PredictionError
+from rhel_cvm_update.journal import Chain, Journal, LiveReading, Reservation, TrialFailure, now, writing_command
+from rhel_cvm_update.trust import check_trusted_path, require_live_checked
 
-JOURNAL_FILE = "journal.json"
-LOCK_FILE = "lock"
-RESULT_FILE = "last-result.json"
 SHIM_STORE = "booted-shim"
-JOURNAL_VERSION = 1
 CRASH_ENV = "RHEL_CVM_UPDATE_CRASH_AT"
 UPDATE_STEPS = ("detect", "predict", "seal", "stage", "remove")  # the crash points' step names
 CONFIRM_STEPS = ("detect", "confirm", "remove")
-LIVE_CHAIN_STATUSES = ("sealed", "staged", "booted", "previous", "trial-failed")
 
 
 def crash_point(step: str, where: str) -> None:
     """Test hook: SIGKILL this process at ``step:where`` when RHEL_CVM_UPDATE_CRASH_AT says so."""
     if os.environ.get(CRASH_ENV) == f"{step}:{where}":
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-# --- lock and journal -----------------------------------------------------------------------
-
-@contextlib.contextmanager
-def state_lock(state_dir: str, timeout: Optional[float] = None) -> Iterator[None]:
-    """Exclusive flock on state_dir/lock.  ``timeout`` None: fail at once if held."""
-    # The journal decides which tokens and keyslots are retired: only root may write it.
-    ensure_trusted_dir(state_dir, "state directory")
-    try:
-        fd = os.open(os.path.join(state_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        raise MachineError(f"cannot open the lock in {state_dir}: {e.strerror}") from None
-    try:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise MachineError(f"cannot lock {state_dir}/{LOCK_FILE}: {e.strerror}") from None
-                if deadline is None or time.monotonic() >= deadline:
-                    raise TransactionError(f"another rhel-cvm-update transaction holds {state_dir}/{LOCK_FILE}"
-                                           + ("" if timeout is None else f" (waited {timeout:g} s)")) from None
-                time.sleep(0.1)
-        yield
-    finally:
-        os.close(fd)
-
-
-def write_json_atomically(path: str, obj: Any) -> None:
-    directory = os.path.dirname(path)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        raise MachineError(f"cannot write {path}: {e.strerror}") from None
-
-
-def read_json(path: str) -> Optional[Dict[str, Any]]:
-    """A JSON object from a state file; None if absent.  Damage is a TransactionError."""
-    try:
-        with open(path, "rb") as f:
-            check_trusted_stat(os.fstat(f.fileno()), path, "state file")
-            data = json.loads(f.read(1 << 22).decode("utf-8"))
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise MachineError(f"cannot read {path}: {e.strerror}") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise TransactionError(f"{path} is damaged (not JSON: {e}); move it aside to start afresh") from None
-    if not isinstance(data, dict):
-        raise TransactionError(f"{path} is damaged (not a JSON object)")
-    return data
-
-
-def empty_journal() -> Dict[str, Any]:
-    return {"version": JOURNAL_VERSION, "chains": {}, "pending": None, "trial_failed": None, "live": None,
-            "serial": 0}
-
-
-CHAIN_STATUSES = LIVE_CHAIN_STATUSES + ("retired",)
-_CHAIN_FIELDS = (("uki", (str, type(None))), ("esp_path", (str, type(None))), ("uki_digest", str),
-                 ("shim_digest", str), ("pcrs", dict), ("policy_hash", str), ("token", int), ("keyslot", int),
-                 ("entry", (int, type(None))), ("status", str), ("serial", int))
-
-
-def read_journal(state_dir: str) -> Dict[str, Any]:
-    """The journal, checked field by field: code that trusts it deletes tokens and keyslots."""
-    path = os.path.join(state_dir, JOURNAL_FILE)
-    journal = read_json(path)
-    if journal is None:
-        return empty_journal()
-    if journal.get("version") != JOURNAL_VERSION or not isinstance(journal.get("chains"), dict):
-        raise TransactionError(f"{path}: unknown journal version {journal.get('version')!r}")
-    for key, chain in journal["chains"].items():
-        bad = [name for name, kind in _CHAIN_FIELDS
-               if not isinstance(chain, dict) or not isinstance(chain.get(name), kind) or isinstance(chain.get(name), bool)]
-        if bad or chain["status"] not in CHAIN_STATUSES:
-            raise TransactionError(f"{path}: chain {key!r} is damaged (fields {', '.join(bad) or 'status'}); "
-                                   "move the journal aside to start afresh")
-    pending = journal.get("pending")
-    if pending is not None and not (isinstance(pending, dict) and pending.get("kind") in ("update", "confirm")
-                                    and isinstance(pending.get("doomed", []), list)
-                                    and all(k in journal["chains"] for k in pending.get("doomed", []))
-                                    and isinstance(pending.get("reserved") or {}, dict)
-                                    and isinstance((pending.get("reserved") or {}).get("keyslot"), (int, type(None)))):
-        raise TransactionError(f"{path}: the pending transaction record is damaged")
-    return journal
-
-
-class Journal:
-    def __init__(self, state_dir: str):
-        self.path = os.path.join(state_dir, JOURNAL_FILE)
-        self.data = read_journal(state_dir)
-
-    @property
-    def chains(self) -> Dict[str, Dict[str, Any]]:
-        return self.data["chains"]
-
-    @property
-    def pending(self) -> Optional[Dict[str, Any]]:
-        return self.data.get("pending")
-
-    def next_serial(self) -> int:
-        """Orders chains by when they were sealed or last confirmed (timestamps tie)."""
-        self.data["serial"] = self.data.get("serial", 0) + 1
-        return self.data["serial"]
-
-    def save(self) -> None:
-        write_json_atomically(self.path, self.data)
-
-    def begin(self, kind: str) -> None:
-        previous = self.pending
-        self.data["pending"] = {"kind": kind, "started": _now(), "step": None, "phase": None,
-                                "reserved": previous.get("reserved") if previous else None,
-                                "doomed": previous.get("doomed", []) if previous else []}
-        self.save()
-
-    def mark(self, step: str, phase: str) -> None:
-        self.data["pending"].update(step=step, phase=phase)
-        self.save()
-
-    def finish(self) -> None:
-        self.data["pending"] = None
-        self.save()
 
 
 class NullHooks:
@@ -341,7 +191,7 @@ def detect(machine: Machine, journal: Journal) -> Detected:
     live_banks = read_live_pcrs(machine.tpm, config.pcrs)
     live = live_banks["sha256"]
     crash_point("detect", "inside")
-    journal.data["live"] = {"pcrs": {str(p): v.hex() for p, v in sorted(live.items())}, "read": _now()}
+    journal.live = LiveReading(pcrs={str(p): v.hex() for p, v in sorted(live.items())}, read=now())
     applications = _log_application_digests(config)
     shim = shim_path(config)
     shim_digest = machine.digest(shim)
@@ -370,19 +220,17 @@ def detect(machine: Machine, journal: Journal) -> Detected:
     # The VM's first token (systemd-cryptenroll, or converted from Azure's import token) is
     # the booted chain's: its policy digest is the one the live PCRs give.
     policy = _policy(config, live)
-    if booted_key and not any(c["status"] in LIVE_CHAIN_STATUSES and c["policy_hash"] == policy.hex()
-                              for c in journal.chains.values()):
+    if booted_key and not any(c.policy_hash == policy.hex() for c in journal.live_chains().values()):
         tokens = machine.luks.metadata().systemd_tpm2_tokens()
-        owned = {c["token"] for c in journal.chains.values() if c["status"] in LIVE_CHAIN_STATUSES}
+        owned = {c.token for c in journal.live_chains().values()}
         for token_id, token in sorted(tokens.items()):
             if token_id not in owned and _token_accounts(config, token, policy):
-                journal.chains[booted_key] = {
-                    "uki": booted_uki, "esp_path": machine.esp.efi_path(booted_uki) if booted_uki else None,
-                    "uki_digest": applications[1], "shim_digest": applications[0],
-                    "pcrs": {str(p): v.hex() for p, v in sorted(live.items())}, "policy_hash": policy.hex(),
-                    "source": "live", "token": token_id, "keyslot": token.keyslot, "entry": boot_current,
-                    "status": "booted", "adopted": True, "created": _now(), "confirmed": _now(),
-                    "serial": journal.next_serial()}
+                journal.chains[booted_key] = Chain(
+                    uki=booted_uki, esp_path=machine.esp.efi_path(booted_uki) if booted_uki else None,
+                    uki_digest=applications[1], shim_digest=applications[0],
+                    pcrs={str(p): v.hex() for p, v in sorted(live.items())}, policy_hash=policy.hex(),
+                    source="live", token=token_id, keyslot=token.keyslot, entry=boot_current,
+                    status="booted", adopted=True, created=now(), confirmed=now(), serial=journal.next_serial())
                 notes.append(f"adopted token {token_id} (keyslot {token.keyslot}): sealed to the booted chain")
                 break
 
@@ -392,7 +240,7 @@ def detect(machine: Machine, journal: Journal) -> Detected:
             continue
         key = chain_key(shim_digest, digests[uki.path])
         known = journal.chains.get(key)
-        if key == booted_key or (known and known["status"] != "sealed"):
+        if key == booted_key or (known and known.status != "sealed"):
             continue
         new.append({"uki": uki.path, "esp_path": uki.esp_path, "digest": digests[uki.path], "key": key,
                     "mtime": os.stat(uki.path).st_mtime})
@@ -405,9 +253,8 @@ def detect(machine: Machine, journal: Journal) -> Detected:
     new = new[:limit]
     # Only a UKI whose file is gone (not one that fails to parse: dnf may be writing it) loses
     # its chain; the firmware cannot start a missing file, so no such chain is a next boot.
-    doomed = [key for key, c in journal.chains.items()
-              if c["status"] in LIVE_CHAIN_STATUSES and c.get("uki") and not os.path.exists(c["uki"])
-              and key != booted_key]
+    doomed = [key for key, c in journal.live_chains().items()
+              if c.uki and not os.path.exists(c.uki) and key != booted_key]
     booted_shim = keep_booted_shim(config.state_dir, shim, shim_digest, applications[0] if applications else None)
     if shim_changed and booted_shim is None:
         notes.append("no copy of the shim that booted now was kept (it was replaced before this tool ran): "
@@ -468,18 +315,17 @@ def predict(machine: Machine, detected: Detected) -> List[Dict[str, Any]]:
 
 def undo_interrupted_seal(machine: Machine, journal: Journal) -> Optional[str]:
     """A seal killed between luksAddKey and the token import leaves a keyslot no token names."""
-    pending = journal.pending or {}
-    reserved = pending.get("reserved")
-    if not reserved:
+    reserved = journal.pending.reserved if journal.pending else None
+    if reserved is None:
         return None
     meta = machine.luks.metadata()
-    slot = reserved["keyslot"]
+    slot = reserved.keyslot
     referenced = {int(s) for t in meta.tokens.values() for s in t.get("keyslots", [])}
     what = None
     if slot in meta.keyslots and slot not in referenced:
         machine.luks.kill_keyslot(slot)
         what = f"undid an interrupted seal: killed keyslot {slot}, which no token names"
-    pending["reserved"] = None
+    journal.pending.reserved = None
     journal.save()
     return what
 
@@ -491,22 +337,20 @@ def seal(machine: Machine, journal: Journal, detected: Detected,
     sealed = []
     for item in predictions:
         meta = machine.luks.metadata()
-        journal.pending["reserved"] = {"keyslot": meta.free_keyslot(), "token": meta.free_token_id(),
-                                       "uki": item["uki"]}
+        journal.pending.reserved = Reservation(keyslot=meta.free_keyslot(), token=meta.free_token_id(),
+                                               uki=item["uki"])
         journal.save()
         result = reseal(machine.config, machine.luks_for("seal"), machine.tpm, uki=item["uki"],
                         pcr_values=item["pcrs"])
         pcrs = {str(p): v.hex() for p, v in sorted(item["pcrs"].items())}
-        journal.chains[item["key"]] = {
-            "uki": item["uki"], "esp_path": item["esp_path"], "uki_digest": item["digest"],
-            "shim_digest": detected.shim_digest, "pcrs": pcrs, "policy_hash": result["policy_hash"],
-            "source": item["source"], "agreed": item.get("agreed"), "sources_ran": item.get("sources_ran"),
-            "token": result["token"], "keyslot": result["keyslot"],
-            "entry": detected.boot_current if item["uki"] == detected.booted_uki else None,
-            "status": "sealed", "adopted": False, "created": _now(), "confirmed": None,
-            "serial": journal.next_serial(),
-            "mtime": item["mtime"]}
-        journal.pending["reserved"] = None
+        journal.chains[item["key"]] = Chain(
+            uki=item["uki"], esp_path=item["esp_path"], uki_digest=item["digest"],
+            shim_digest=detected.shim_digest, pcrs=pcrs, policy_hash=result["policy_hash"],
+            source=item["source"], agreed=item.get("agreed"), sources_ran=item.get("sources_ran"),
+            token=result["token"], keyslot=result["keyslot"],
+            entry=detected.boot_current if item["uki"] == detected.booted_uki else None,
+            status="sealed", created=now(), serial=journal.next_serial(), mtime=item["mtime"])
+        journal.pending.reserved = None
         journal.save()
         sealed.append({"uki": item["uki"], "action": result["action"], "token": result["token"],
                        "keyslot": result["keyslot"], "source": item["source"], "pcrs": pcrs,
@@ -516,56 +360,56 @@ def seal(machine: Machine, journal: Journal, detected: Detected,
 
 def stage(machine: Machine, journal: Journal, detected: Detected) -> Optional[Dict[str, Any]]:
     """BootNext to the newest sealed chain that is not the booted UKI."""
-    candidates = [(c.get("mtime") or 0, key) for key, c in journal.chains.items()
-                  if c["status"] == "sealed" and c["uki"] != detected.booted_uki
-                  and c["shim_digest"] == detected.shim_digest and os.path.isfile(c["uki"])]
+    candidates = [(c.mtime or 0, key) for key, c in journal.chains.items()
+                  if c.status == "sealed" and c.uki != detected.booted_uki
+                  and c.shim_digest == detected.shim_digest and c.uki and os.path.isfile(c.uki)]
     if not candidates:
         return None
     _, key = max(candidates)
     chain = journal.chains[key]
     manager = machine.boot_manager("stage", need_partition=True)
-    number, changes = manager.plan_add(manager.uki(chain["uki"]), once=True)
+    number, changes = manager.plan_add(manager.uki(chain.uki), once=True)
     manager.apply(changes)
     for other in journal.chains.values():
-        if other["status"] == "staged":
-            other["status"] = "sealed"
-    chain.update(status="staged", entry=number)
+        if other.status == "staged":
+            other.status = "sealed"
+    chain.status, chain.entry = "staged", number
     journal.save()
-    return {"uki": chain["uki"], "entry": f"Boot{number:04X}", "token": chain["token"]}
+    return {"uki": chain.uki, "entry": f"Boot{number:04X}", "token": chain.token}
 
 
 def remove(machine: Machine, journal: Journal, keys: List[str]) -> List[Dict[str, Any]]:
     """Entry (if no kept chain boots the same UKI), then token, then keyslot, of each chain;
     each part only if it is still the one the journal recorded."""
-    journal.pending["doomed"] = sorted(set(journal.pending.get("doomed", [])) | set(keys))
+    pending = journal.pending
+    pending.doomed = sorted(set(pending.doomed) | set(keys))
     journal.save()
     luks = machine.luks_for("remove")
     removed = []
-    for key in list(journal.pending["doomed"]):
+    for key in list(pending.doomed):
         chain = journal.chains[key]
-        kept_paths = {(c.get("esp_path") or "").lower() for k, c in journal.chains.items()
-                      if k != key and k not in journal.pending["doomed"] and c["status"] in LIVE_CHAIN_STATUSES}
-        done: Dict[str, Any] = {"uki": chain["uki"], "token": None, "keyslot": None, "entries": []}
-        if chain.get("esp_path") and chain["esp_path"].lower() not in kept_paths:
+        kept_paths = {(c.esp_path or "").lower() for k, c in journal.live_chains().items()
+                      if k != key and k not in pending.doomed}
+        done: Dict[str, Any] = {"uki": chain.uki, "token": None, "keyslot": None, "entries": []}
+        if chain.esp_path and chain.esp_path.lower() not in kept_paths:
             manager = machine.boot_manager("remove")
-            changes = manager.plan_remove(chain["esp_path"])
+            changes = manager.plan_remove(chain.esp_path)
             manager.apply(changes)
             done["entries"] = [c.target for c in changes if c.target.startswith("Boot") and c.new is None]
         meta = machine.luks.metadata()
-        token = meta.systemd_tpm2_tokens().get(chain["token"])
-        if token is not None and token.policy_hash.hex() == chain["policy_hash"] and token.keyslot == chain["keyslot"]:
-            luks.remove_token(chain["token"])
-            done["token"] = chain["token"]
+        token = meta.systemd_tpm2_tokens().get(chain.token)
+        if token is not None and token.policy_hash.hex() == chain.policy_hash and token.keyslot == chain.keyslot:
+            luks.remove_token(chain.token)
+            done["token"] = chain.token
             meta = machine.luks.metadata()
         referenced = {int(s) for t in meta.tokens.values() for s in t.get("keyslots", [])}
         # Unreferenced: its token went just now or in an interrupted earlier run.  A keyslot
         # some other token names (a reused number) is not this chain's any more.
-        if chain["keyslot"] in meta.keyslots and chain["keyslot"] not in referenced:
-            luks.kill_keyslot(chain["keyslot"])
-            done["keyslot"] = chain["keyslot"]
-        chain["status"] = "retired"
-        chain["retired"] = _now()
-        journal.pending["doomed"] = [k for k in journal.pending["doomed"] if k != key]
+        if chain.keyslot in meta.keyslots and chain.keyslot not in referenced:
+            luks.kill_keyslot(chain.keyslot)
+            done["keyslot"] = chain.keyslot
+        chain.status, chain.retired = "retired", now()
+        pending.doomed = [k for k in pending.doomed if k != key]
         journal.save()
         removed.append(done)
     return removed
@@ -606,28 +450,16 @@ class ConfirmResult:
         return dict(dataclasses.asdict(self), command="confirm")
 
 
-def _record_result(config, result: Dict[str, Any]) -> None:
-    write_json_atomically(os.path.join(config.state_dir, RESULT_FILE), dict(result, finished=_now()))
-
-
-def record_failure(config, command: str, error: BaseException) -> None:
-    """Last result of a transaction that stopped on an error (the journal keeps its pending step)."""
-    try:
-        _record_result(config, {"command": command, "outcome": "failed", "reason": str(error)})
-    except CvmUpdateError:
-        pass
-
-
 def _recover(machine: Machine, journal: Journal) -> List[str]:
     recovered = []
     pending = journal.pending
     if pending is None:
         return recovered
-    recovered.append(f"resumed an interrupted {pending['kind']} (stopped at {pending['step']}:{pending['phase']})")
+    recovered.append(f"resumed an interrupted {pending.kind} (stopped at {pending.step}:{pending.phase})")
     undone = undo_interrupted_seal(machine, journal)
     if undone:
         recovered.append(undone)
-    if pending.get("doomed"):
+    if pending.doomed:
         finished = remove(machine, journal, [])
         recovered.append("finished removing " + ", ".join(str(r["uki"]) for r in finished))
     return recovered
@@ -638,28 +470,24 @@ def _recover(machine: Machine, journal: Journal) -> List[str]:
 @contextlib.contextmanager
 def _transaction(config, command: str, hooks, lock_timeout: Optional[float]):
     """What both transactions start with, under the lock: the journal, the TPM, recovery of an
-    interrupted run, then detect.  Yields (machine, journal, recovered, detected); a failure
-    is recorded as the last result before it propagates."""
+    interrupted run, then detect.  Yields (machine, journal, recovered, detected, record); a
+    failure is recorded as the last result before it propagates."""
     from rhel_cvm_update.adapters.tpm import Tpm
 
-    with state_lock(config.state_dir, lock_timeout):
+    with writing_command(config.state_dir, command, lock_timeout) as record:
         journal = Journal(config.state_dir)
-        try:
-            with Tpm(config.tpm) as tpm:
-                machine = Machine(config, tpm)
-                with hooks.critical():
-                    recovered = _recover(machine, journal)
-                journal.begin(command)
-                detected = _run_step(journal, hooks, "detect", config.uki_dir, lambda: detect(machine, journal))
-                yield machine, journal, recovered, detected
-        except CvmUpdateError as e:
-            record_failure(config, command, e)
-            raise
+        with Tpm(config.tpm) as tpm:
+            machine = Machine(config, tpm)
+            with hooks.critical():
+                recovered = _recover(machine, journal)
+            journal.begin(command)
+            detected = _run_step(journal, hooks, "detect", config.uki_dir, lambda: detect(machine, journal))
+            yield machine, journal, recovered, detected, record
 
 
 def run_update(config, *, hooks=None, lock_timeout: Optional[float] = None) -> UpdateResult:
     hooks = hooks or NullHooks()
-    with _transaction(config, "update", hooks, lock_timeout) as (machine, journal, recovered, detected):
+    with _transaction(config, "update", hooks, lock_timeout) as (machine, journal, recovered, detected, record):
         try:
             predictions = _run_step(journal, hooks, "predict", f"{len(detected.new)} new chain(s)",
                                     lambda: predict(machine, detected))
@@ -667,7 +495,7 @@ def run_update(config, *, hooks=None, lock_timeout: Optional[float] = None) -> U
             journal.finish()
             result = UpdateResult("refused", detected.booted_uki, detected.shim_changed, [], None, [],
                                   recovered, detected.notes, reason=str(e), refusal=e.kind)
-            _record_result(config, result.to_json())
+            record(result.to_json())
             return result
         with hooks.critical():
             sealed = _run_step(journal, hooks, "seal", f"{len(predictions)} chain(s)",
@@ -682,17 +510,16 @@ def run_update(config, *, hooks=None, lock_timeout: Optional[float] = None) -> U
         outcome = "staged" if staged or sealed else ("removed" if removed else "nothing-to-do")
         result = UpdateResult(outcome, detected.booted_uki, detected.shim_changed, sealed, staged, removed,
                               recovered, detected.notes)
-        _record_result(config, result.to_json())
+        record(result.to_json())
         return result
 
 
 def _retire_candidates(config, journal: Journal, booted_key: str, shim_digest: str) -> Tuple[List[str], List[str]]:
     """(kept, doomed): the booted chain plus the keep_previous most recently sealed or
     confirmed others that can still boot (same shim as on the ESP now) are kept."""
-    others = [(c["serial"], key) for key, c in journal.chains.items()
-              if key != booted_key and c["status"] in LIVE_CHAIN_STATUSES]
+    others = [(c.serial, key) for key, c in journal.live_chains().items() if key != booted_key]
     others.sort(reverse=True)
-    bootable = [key for _, key in others if journal.chains[key]["shim_digest"] == shim_digest]
+    bootable = [key for _, key in others if journal.chains[key].shim_digest == shim_digest]
     kept = bootable[:config.keep_previous]
     doomed = [key for _, key in others if key not in kept]
     return [booted_key] + kept, doomed
@@ -702,50 +529,47 @@ def confirm(machine: Machine, journal: Journal, detected: Detected) -> Tuple[str
     """(outcome, promoted entry, doomed chain keys, reason)."""
     config = machine.config
     policy = _policy(config, detected.live).hex()
-    booted = next((k for k, c in journal.chains.items()
-                   if c["status"] in LIVE_CHAIN_STATUSES and c["policy_hash"] == policy), None)
-    staged = next((k for k, c in journal.chains.items() if c["status"] == "staged"), None)
+    booted = next((k for k, c in journal.live_chains().items() if c.policy_hash == policy), None)
+    staged_key = next((k for k, c in journal.chains.items() if c.status == "staged"), None)
+    staged = journal.chains[staged_key] if staged_key is not None else None
     if booted is None:
         return "nothing-to-do", None, [], ("the live PCRs match no chain of this tool; "
                                             "run 'rhel-cvm-update update' to seal for this boot")
     chain = journal.chains[booted]
-    if staged is not None and staged != booted and \
-            machine.boot_manager().state().boot_next == journal.chains[staged].get("entry"):
+    if staged is not None and staged_key != booted and machine.boot_manager().state().boot_next == staged.entry:
         # The firmware deletes BootNext when it boots it: still set, the trial is yet to come.
-        return "nothing-to-do", None, [], f"{journal.chains[staged]['uki']} is staged for the next boot"
-    if staged is not None and staged != booted:
-        entry = journal.chains[staged].get("entry")
-        journal.data["trial_failed"] = {"staged_uki": journal.chains[staged]["uki"],
-                                        "staged_entry": entry, "booted_uki": chain["uki"],
-                                        "boot_current": detected.boot_current, "at": _now()}
-        journal.chains[staged]["status"] = "trial-failed"
+        return "nothing-to-do", None, [], f"{staged.uki} is staged for the next boot"
+    if staged is not None and staged_key != booted:
+        journal.trial_failed = TrialFailure(staged_uki=staged.uki, staged_entry=staged.entry, booted_uki=chain.uki,
+                                            boot_current=detected.boot_current, at=now())
+        staged.status = "trial-failed"
         journal.save()
-        return "trial-failed", None, [], (f"the staged {journal.chains[staged]['uki']} did not come up: this "
-                                          f"boot is {chain['uki']}; everything is left in place")
-    if staged is None and chain["status"] != "sealed":
+        return "trial-failed", None, [], (f"the staged {staged.uki} did not come up: this "
+                                          f"boot is {chain.uki}; everything is left in place")
+    if staged is None and chain.status != "sealed":
         # Already confirmed, or an older chain chosen by hand: BootOrder stays as it is.
         return "nothing-to-do", None, [], None
     promoted = None
     manager = machine.boot_manager("confirm", need_partition=True)
-    if chain.get("uki") and os.path.isfile(chain["uki"]):
-        number, changes = manager.plan_add(manager.uki(chain["uki"]), once=False)
+    if chain.uki and os.path.isfile(chain.uki):
+        number, changes = manager.plan_add(manager.uki(chain.uki), once=False)
         manager.apply(changes)
         promoted = f"Boot{number:04X}"
-        chain["entry"] = number
+        chain.entry = number
     for other in journal.chains.values():
-        if other["status"] == "booted":
-            other["status"] = "previous"
-    chain.update(status="booted", confirmed=_now(), serial=journal.next_serial())
-    journal.data["trial_failed"] = None
+        if other.status == "booted":
+            other.status = "previous"
+    chain.status, chain.confirmed, chain.serial = "booted", now(), journal.next_serial()
+    journal.trial_failed = None
     _, doomed = _retire_candidates(config, journal, booted, detected.shim_digest)
-    journal.pending["doomed"] = sorted(set(journal.pending.get("doomed", [])) | set(doomed))
+    journal.pending.doomed = sorted(set(journal.pending.doomed) | set(doomed))
     journal.save()
     return "confirmed", promoted, doomed, None
 
 
 def run_confirm(config, *, hooks=None, lock_timeout: Optional[float] = None) -> ConfirmResult:
     hooks = hooks or NullHooks()
-    with _transaction(config, "confirm", hooks, lock_timeout) as (machine, journal, recovered, detected):
+    with _transaction(config, "confirm", hooks, lock_timeout) as (machine, journal, recovered, detected, record):
         with hooks.critical():
             outcome, promoted, doomed, reason = _run_step(
                 journal, hooks, "confirm", f"BootCurrent {detected.boot_current}",
@@ -753,9 +577,9 @@ def run_confirm(config, *, hooks=None, lock_timeout: Optional[float] = None) -> 
             removed = _run_step(journal, hooks, "remove", f"{len(doomed)} chain(s)",
                                 lambda: remove(machine, journal, doomed))
         journal.finish()
-        kept = [c["uki"] for c in journal.chains.values() if c["status"] in LIVE_CHAIN_STATUSES]
+        kept = [c.uki for c in journal.live_chains().values()]
         current = None if detected.boot_current is None else f"Boot{detected.boot_current:04X}"
         result = ConfirmResult(outcome, detected.booted_uki, current, promoted, kept, removed, recovered,
                                detected.notes, reason)
-        _record_result(config, result.to_json())
+        record(result.to_json())
         return result

@@ -80,7 +80,7 @@ def boot_env(tmp_path, small_uki) -> BootEnv:
     guid = uuid.UUID(info.split("Partition unique GUID: ")[1].split()[0])
     config = tmp_path / "config.yaml"
     config.write_text(f"efivars: {efivars}\nesp: {esp}\nesp_device: {disk}\nuki_dir: {uki_dir}\n"
-                      f"vendor: redhat\n")
+                      f"vendor: redhat\nstate_dir: {tmp_path / 'state'}\n")
     return BootEnv(tmp_path, efivars, esp, uki_dir, disk, config, 1, 2048, 65536, guid,
                    small_uki)
 

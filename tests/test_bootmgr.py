@@ -6,6 +6,7 @@ which entries are ours, numbering, ordering, undo on failure, and that other ent
 variables are never changed.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -274,3 +275,25 @@ def check_prefixes(env, mgr, changes):
         numbers = {e.number for e in state.entries}
         assert set(state.boot_order) <= numbers
         assert state.boot_next is None or state.boot_next in numbers
+
+
+def test_boot_add_and_remove_exit_4_while_the_lock_is_held(boot_env):
+    """An admin's boot add during a path-unit update must not race its efivarfs writes."""
+    from rhel_cvm_update.journal import state_lock
+
+    env = boot_env
+    uki = env.add_uki("k.efi")
+    before = snapshot(env)
+    with state_lock(str(env.root / "state")):
+        for verb in ("add", "remove"):
+            proc = subprocess.run([sys.executable, "-m", "rhel_cvm_update", "--config", str(env.config), "boot",
+                                   verb, "--uki", str(uki)], cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+            assert proc.returncode == 4, proc.stderr
+            assert "another rhel-cvm-update transaction holds" in proc.stderr
+    assert snapshot(env) == before
+    # Free again: it runs and records what it did.
+    assert cli.main(["--config", str(env.config), "boot", "add", "--uki", str(uki)]) == 0
+    recorded = json.loads((env.root / "state" / "last-boot.json").read_text())
+    assert recorded["command"] == "boot add" and recorded["entry"].startswith("Boot")
+    assert any(c["target"] == "BootOrder" for c in recorded["changes"])

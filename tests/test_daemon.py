@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from rhel_cvm_update.adapters import systemd as systemd_adapter
 from rhel_cvm_update import daemon
 
 
@@ -142,7 +143,7 @@ def notify_socket(tmp_path, monkeypatch):
 
 
 def test_notifier_sends_the_sd_notify_protocol(notify_socket):
-    notifier = daemon.Notifier()
+    notifier = systemd_adapter.Notifier()
     notifier.ready("waiting for /boot/efi/EFI/Linux to settle")
     notifier.status("seal: token 2\nkeyslot 3")
     notifier.stopping("update staged")
@@ -154,7 +155,7 @@ def test_notifier_sends_the_sd_notify_protocol(notify_socket):
 
 def test_notifier_is_a_no_op_outside_systemd(monkeypatch):
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    notifier = daemon.Notifier()
+    notifier = systemd_adapter.Notifier()
     notifier.ready("x")
     notifier.stopping("y")
 
@@ -163,8 +164,8 @@ def test_notifier_is_a_no_op_outside_systemd(monkeypatch):
 
 def test_stderr_sink_prints_notice_and_above():
     stream = io.StringIO()
-    log = daemon.JournalLog(sink="stderr", stream=stream)
-    log.send("step detail", priority=daemon.LOG_INFO, STEP="seal")
+    log = systemd_adapter.JournalLog(sink="stderr", stream=stream)
+    log.send("step detail", priority=systemd_adapter.LOG_INFO, STEP="seal")
     log.outcome("staged", "update staged: uki-b.efi", UKI="/boot/efi/EFI/Linux/uki-b.efi", TOKEN_ID=2)
     log.outcome("nothing-to-do", "nothing to do")
     log.outcome("failed", "cannot seal: TPM busy")
@@ -173,30 +174,30 @@ def test_stderr_sink_prints_notice_and_above():
 
 
 def test_journal_fields_are_upper_case_text():
-    fields = daemon.journal_fields({"uki": "/x.efi", "pcr4": bytes(range(4)), "token_id": 3,
+    fields = systemd_adapter.journal_fields({"uki": "/x.efi", "pcr4": bytes(range(4)), "token_id": 3,
                                     "pcrs": [4, 7], "keyslot": None})
     assert fields == {"UKI": "/x.efi", "PCR4": "00010203", "TOKEN_ID": "3", "PCRS": "4,7"}
     for bad in ("_PID", "token-id", "x" * 65, ""):
         with pytest.raises(ValueError):
-            daemon.journal_fields({bad: 1})
+            systemd_adapter.journal_fields({bad: 1})
 
 
 def test_message_ids_are_distinct_128_bit_ids():
-    ids = [o.message_id for o in daemon.OUTCOMES.values()]
+    ids = [o.message_id for o in systemd_adapter.OUTCOMES.values()]
     assert len(set(ids)) == len(ids) == 8
     for i in ids:
         assert len(i) == 32 and int(i, 16) >= 0 and i == i.lower()
-    assert set(daemon.OUTCOMES) == {"staged", "nothing-to-do", "refused", "disagreed", "confirmed", "trial-failed",
+    assert set(systemd_adapter.OUTCOMES) == {"staged", "nothing-to-do", "refused", "disagreed", "confirmed", "trial-failed",
                                     "removed", "failed"}
     # every ID is documented in the module docstring
-    for o in daemon.OUTCOMES.values():
-        assert f"{o.message_id}  {o.name}" in daemon.__doc__
+    for o in systemd_adapter.OUTCOMES.values():
+        assert f"{o.message_id}  {o.name}" in systemd_adapter.__doc__
 
 
 def test_stderr_is_journal_compares_device_and_inode(tmp_path):
     """$JOURNAL_STREAM only counts when it names our stderr (a child inherits the variable
     with a different stderr)."""
-    code = "from rhel_cvm_update import daemon; print(daemon.stderr_is_journal())"
+    code = "from rhel_cvm_update.adapters import systemd; print(systemd.stderr_is_journal())"
     target = tmp_path / "stderr"
     with open(target, "wb") as err:
         st = os.fstat(err.fileno())
@@ -228,8 +229,8 @@ class RecordingInhibitor:
 def test_hooks_step_updates_status_and_logs_fields():
     sent = []
     stream = io.StringIO()
-    hooks = daemon.DaemonHooks(log=daemon.JournalLog(sink="stderr", stream=stream, stderr_priority=daemon.LOG_INFO),
-                               notifier=daemon.Notifier(notify=sent.append),
+    hooks = daemon.DaemonHooks(log=systemd_adapter.JournalLog(sink="stderr", stream=stream, stderr_priority=systemd_adapter.LOG_INFO),
+                               notifier=systemd_adapter.Notifier(notify=sent.append),
                                inhibitor_factory=RecordingInhibitor)
     hooks.step("predict", "uki-b.efi")
     hooks.step("seal", {"token_id": 2, "keyslot": 3})
@@ -242,8 +243,8 @@ def test_hooks_step_updates_status_and_logs_fields():
 
 def test_critical_sections_nest_under_one_inhibitor():
     RecordingInhibitor.events = []
-    hooks = daemon.DaemonHooks(log=daemon.JournalLog(sink="stderr", stream=io.StringIO()),
-                               notifier=daemon.Notifier(notify=lambda s: None), inhibitor_factory=RecordingInhibitor)
+    hooks = daemon.DaemonHooks(log=systemd_adapter.JournalLog(sink="stderr", stream=io.StringIO()),
+                               notifier=systemd_adapter.Notifier(notify=lambda s: None), inhibitor_factory=RecordingInhibitor)
     with hooks.critical():
         with hooks.critical():
             RecordingInhibitor.events.append("seal")
@@ -258,8 +259,8 @@ def test_an_unavailable_inhibitor_is_tried_once_per_run():
     RecordingInhibitor.events = []
     RecordingInhibitor.available = False
     try:
-        hooks = daemon.DaemonHooks(log=daemon.JournalLog(sink="stderr", stream=io.StringIO()),
-                                   notifier=daemon.Notifier(notify=lambda s: None),
+        hooks = daemon.DaemonHooks(log=systemd_adapter.JournalLog(sink="stderr", stream=io.StringIO()),
+                                   notifier=systemd_adapter.Notifier(notify=lambda s: None),
                                    inhibitor_factory=RecordingInhibitor)
         for _ in range(3):
             with hooks.critical():
@@ -275,9 +276,10 @@ def test_sigterm_inside_a_critical_section_waits_for_its_end(tmp_path):
     marker = tmp_path / "progress"
     code = textwrap.dedent(f"""
         import os, signal, time
+        from rhel_cvm_update.adapters import systemd as systemd_adapter
         from rhel_cvm_update import daemon
-        hooks = daemon.DaemonHooks(log=daemon.JournalLog(sink="stderr"), notifier=daemon.Notifier(notify=lambda s: None),
-                                   inhibitor_factory=lambda log: daemon.ShutdownInhibitor(log, bus_address="unix:path=/nonexistent"))
+        hooks = daemon.DaemonHooks(log=systemd_adapter.JournalLog(sink="stderr"), notifier=systemd_adapter.Notifier(notify=lambda s: None),
+                                   inhibitor_factory=lambda log: systemd_adapter.ShutdownInhibitor(log, bus_address="unix:path=/nonexistent"))
         with hooks.critical():
             pass
         with hooks.critical():
@@ -295,6 +297,7 @@ def test_sigterm_inside_a_critical_section_waits_for_its_end(tmp_path):
 def test_sigterm_outside_critical_sections_is_immediate(tmp_path):
     code = textwrap.dedent("""
         import os, signal, time
+        from rhel_cvm_update.adapters import systemd as systemd_adapter
         from rhel_cvm_update import daemon
         with daemon.signals_deferred():
             pass
@@ -307,8 +310,8 @@ def test_sigterm_outside_critical_sections_is_immediate(tmp_path):
 
 
 def test_changes_after_the_settle_ask_for_another_round_a_bounded_number_of_times(tmp_path):
-    hooks = daemon.DaemonHooks(log=daemon.JournalLog(sink="stderr", stream=io.StringIO()),
-                               notifier=daemon.Notifier(notify=lambda s: None), inhibitor_factory=RecordingInhibitor)
+    hooks = daemon.DaemonHooks(log=systemd_adapter.JournalLog(sink="stderr", stream=io.StringIO()),
+                               notifier=systemd_adapter.Notifier(notify=lambda s: None), inhibitor_factory=RecordingInhibitor)
     assert not hooks.changed_since_settle()  # never settled: nothing to compare
     hooks.wait_for_quiet([str(tmp_path)], 0.05)
     assert not hooks.changed_since_settle()

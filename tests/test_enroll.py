@@ -16,7 +16,6 @@ import subprocess
 import pytest
 
 from rhel_cvm_update.adapters.cryptsetup import Cryptsetup
-from rhel_cvm_update.config import config_from_mapping
 from rhel_cvm_update.errors import ConfigError
 from rhel_cvm_update.reseal import enroll_from_tpm2_import
 from tests.swtpm_fixtures import (TEST_PASSPHRASE, cryptsetup, fresh_swtpm, luks2_image,  # noqa: F401
@@ -105,13 +104,11 @@ def test_convert_azure_import_token(fresh_swtpm, luks2_image, tmp_path):
     cryptsetup("token", "import", "--json-file", "-", "--token-id", "2", luks2_image,
                input_bytes=json.dumps(token).encode())
 
-    config = config_from_mapping({"tpm": fresh_swtpm.tcti, "luks_device": luks2_image,
-                                  "state_dir": str(tmp_path / "state")})
     luks = Cryptsetup(luks2_image)
     with tpm_adapter.Tpm(fresh_swtpm.tcti) as tpm:
-        plan = enroll_from_tpm2_import(config, luks, tpm, dry_run=True)
+        plan = enroll_from_tpm2_import(luks, tpm, dry_run=True)
         assert [e["action"] for e in plan["converted"]] == ["would-convert"]
-        result = enroll_from_tpm2_import(config, luks, tpm)
+        result = enroll_from_tpm2_import(luks, tpm)
     assert [(e["action"], e["keyslot"]) for e in result["converted"]] == [("converted", 1)]
     meta = luks.metadata()
     assert meta.tokens_of_type("tpm2-import") == []
@@ -121,13 +118,13 @@ def test_convert_azure_import_token(fresh_swtpm, luks2_image, tmp_path):
     assert converted.tool_record["converted_from"] == "tpm2-import"
     with pytest.raises(ConfigError, match="no tpm2-import token"):
         with tpm_adapter.Tpm(fresh_swtpm.tcti) as tpm:
-            enroll_from_tpm2_import(config, luks, tpm)
+            enroll_from_tpm2_import(luks, tpm)
     # A run interrupted after importing the new token but before removing the old one:
     # the next run only removes the import token.
     cryptsetup("token", "import", "--json-file", "-", "--token-id", "5", luks2_image,
                input_bytes=json.dumps(token).encode())
     with tpm_adapter.Tpm(fresh_swtpm.tcti) as tpm:
-        resumed = enroll_from_tpm2_import(config, luks, tpm)
+        resumed = enroll_from_tpm2_import(luks, tpm)
     assert [(e["action"], e["token"]) for e in resumed["converted"]] == [("removed-import", converted_id)]
     assert sorted(luks.metadata().tokens) == [converted_id]
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from rhel_cvm_update.journal import LiveReading
 from rhel_cvm_update.status import live_pcrs
 from rhel_cvm_update.transaction import run_update
 from tests.sandbox import captured_pcrs, sandbox  # noqa: F401  (fixture)
@@ -67,13 +68,13 @@ def test_live_pcrs_prefer_sysfs_then_log_then_journal(sandbox, tmp_path):
     b = captured_pcrs("sb-off-uki-b")  # what a guest kernel really printed for boot B
     for pcr, value in b.items():
         (sysfs / str(pcr)).write_text(value.hex().upper() + "\n")
-    assert live_pcrs(config, {}, str(sysfs)) == (b, "sysfs")
-    assert live_pcrs(config, {}, str(tmp_path / "absent")) == (captured_pcrs("sb-off-uki-a"), "event-log")
+    assert live_pcrs(config, None, str(sysfs)) == (b, "sysfs")
+    assert live_pcrs(config, None, str(tmp_path / "absent")) == (captured_pcrs("sb-off-uki-a"), "event-log")
     os.unlink(cvm.event_log)
-    journal = {"live": {"pcrs": {"4": "11" * 32, "7": "22" * 32}, "read": "2026-01-01T00:00:00Z"}}
-    assert live_pcrs(config, journal, str(tmp_path / "absent")) == (
+    recorded = LiveReading(pcrs={"4": "11" * 32, "7": "22" * 32}, read="2026-01-01T00:00:00Z")
+    assert live_pcrs(config, recorded, str(tmp_path / "absent")) == (
         {4: b"\x11" * 32, 7: b"\x22" * 32}, "recorded 2026-01-01T00:00:00Z")
-    assert live_pcrs(config, {}, str(tmp_path / "absent")) == (None, "unknown")
+    assert live_pcrs(config, None, str(tmp_path / "absent")) == (None, "unknown")
 
 
 def test_ambiguous_header_is_reported_not_crashed_on(sandbox):

@@ -14,8 +14,8 @@ import threading
 import pytest
 
 from rhel_cvm_update.errors import TransactionError
-from rhel_cvm_update.transaction import (CONFIRM_STEPS, UPDATE_STEPS, read_journal, run_confirm, run_update,
-                                          state_lock)
+from rhel_cvm_update.journal import Journal, state_lock
+from rhel_cvm_update.transaction import CONFIRM_STEPS, UPDATE_STEPS, run_confirm, run_update
 from tests.sandbox import BOOTS, built_or_skip, read_u16_var, sandbox  # noqa: F401  (fixture)
 from tests.swtpm_fixtures import header_bytes
 
@@ -38,9 +38,8 @@ def efibootmgr(cvm):
 
 
 def tokens_by_uki(cvm):
-    chains = read_journal(str(cvm.state_dir))["chains"].values()
-    return {os.path.basename(c["uki"]): c["token"] for c in chains
-            if c["status"] not in ("retired",) and c.get("uki")}
+    chains = Journal(str(cvm.state_dir)).chains.values()
+    return {os.path.basename(c.uki): c.token for c in chains if c.status != "retired" and c.uki}
 
 
 def keyslot_owners(cvm):
@@ -217,8 +216,7 @@ def test_update_killed_at_every_step_then_rerun(sandbox, step, where):
 
     rerun = cli(cvm, "update", "--json")
     assert rerun.returncode == 0, rerun.stderr
-    journal = read_journal(str(cvm.state_dir))
-    assert journal["pending"] is None
+    assert Journal(str(cvm.state_dir)).pending is None
     tokens = tokens_by_uki(cvm)
     assert set(tokens) == {"uki-b.efi", "uki-c.efi"}
     owners = keyslot_owners(cvm)
@@ -258,7 +256,7 @@ def test_confirm_killed_at_every_step_then_rerun(sandbox_keeping_none, step, whe
     assert cvm.plugin_unlocks(b_token)
     rerun = cli(cvm, "confirm", "--json")
     assert rerun.returncode == 0, rerun.stderr
-    assert read_journal(str(cvm.state_dir))["pending"] is None
+    assert Journal(str(cvm.state_dir)).pending is None
     assert {int(t) for t in cvm.luks_json()["tokens"]} == {b_token}
     assert keyslot_owners(cvm) == {0: None, staged.sealed[0]["keyslot"]: b_token}
     assert read_u16_var(cvm.efivars, "BootOrder")[0] == int(staged.staged["entry"][4:], 16)

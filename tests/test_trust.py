@@ -7,6 +7,7 @@ for real rather than by switching anything off.
 """
 
 import ast
+import json
 import os
 import subprocess
 import tempfile
@@ -18,7 +19,8 @@ from rhel_cvm_update import trust
 from rhel_cvm_update.boot_events import Prediction
 from rhel_cvm_update.config import config_from_mapping, load_config
 from rhel_cvm_update.errors import ConfigError, PredictionError
-from rhel_cvm_update.reseal import predict_target, write_result
+from rhel_cvm_update.journal import writing_command
+from rhel_cvm_update.reseal import predict_target
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rhel_cvm_update"
 NOBODY = 65534
@@ -181,13 +183,16 @@ def test_state_directory_must_be_trusted(tmp_path):
     state.mkdir()
     os.chmod(state, 0o777)
     with pytest.raises(ConfigError, match="state directory"):
-        write_result(str(state), {"action": "added"})
+        with writing_command(str(state), "reseal") as record:
+            record({"action": "added"})
     assert not (state / "last-reseal.json").exists()
 
 
 def test_state_directory_is_created_private(tmp_path):
-    write_result(str(tmp_path / "new-state"), {"action": "added"})
+    with writing_command(str(tmp_path / "new-state"), "reseal") as record:
+        record({"action": "added"})
     assert (tmp_path / "new-state").stat().st_mode & 0o777 == 0o700
+    assert json.loads((tmp_path / "new-state" / "last-reseal.json").read_text())["action"] == "added"
 
 
 def _prediction(checked_against):
@@ -262,7 +267,7 @@ def test_deciding_modules_never_read_the_environment():
 
 
 def test_transaction_lock_refuses_a_writable_state_directory(tmp_path):
-    from rhel_cvm_update.transaction import state_lock
+    from rhel_cvm_update.journal import state_lock
 
     state = tmp_path / "state"
     state.mkdir()
@@ -274,7 +279,7 @@ def test_transaction_lock_refuses_a_writable_state_directory(tmp_path):
 
 
 def test_journal_writable_by_others_is_refused(tmp_path):
-    from rhel_cvm_update.transaction import read_json
+    from rhel_cvm_update.journal import read_json
 
     journal = write(tmp_path / "journal.json", '{"chains": {}}', mode=0o646)
     with pytest.raises(ConfigError, match=f"state file {journal}.*writable by others"):

@@ -13,7 +13,8 @@ import subprocess
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence
 
 from rhel_cvm_update.errors import ExternalToolError, MachineError
-from rhel_cvm_update.formats.luks_token import LuksMetadata, check_luks2_magic
+from rhel_cvm_update.formats.luks2_header import BINARY_SIZE, check_luks2_magic, header_size, read_json_area
+from rhel_cvm_update.formats.luks_token import LuksMetadata
 
 if TYPE_CHECKING:  # only annotations here; importing secrets loads libc through ctypes
     from rhel_cvm_update.secrets import Secret
@@ -93,14 +94,23 @@ class Cryptsetup:
             raise ExternalToolError(full, result.returncode, result.stderr.decode("utf-8", "replace"))
         return result
 
-    def check_header(self) -> None:
-        """Refuse LUKS1 and non-LUKS devices before cryptsetup sees them."""
+    def _read(self, size: int) -> bytes:
         try:
             with open(self.device, "rb") as f:
-                head = f.read(8)
+                return f.read(size)
         except OSError as e:
             raise MachineError(f"cannot read {self.device}: {e.strerror}") from None
-        check_luks2_magic(head, source=self.device)
+
+    def check_header(self) -> None:
+        """Refuse LUKS1 and non-LUKS devices before cryptsetup (or the TPM) is involved."""
+        check_luks2_magic(self._read(8), source=self.device)
+
+    def header_metadata(self) -> LuksMetadata:
+        """The keyslots and tokens read from the header bytes, without starting cryptsetup
+        (status's fast path; the transaction asks cryptsetup, which also repairs a header)."""
+        size = header_size(self._read(BINARY_SIZE), source=self.device)
+        data = read_json_area(self._read(2 * size), source=self.device)
+        return LuksMetadata.from_json_bytes(data, source=self.device)
 
     def metadata(self) -> LuksMetadata:
         self.check_header()

@@ -9,12 +9,19 @@ operation fail.
 
 import contextlib
 import hmac
+import os
 from typing import Dict, Iterator, List, Sequence, Tuple
 
 from rhel_cvm_update.errors import ConfigError, FormatError, MachineError, UnsupportedError
 from rhel_cvm_update.formats import tpm_policy
 from rhel_cvm_update.formats.luks_token import SystemdTpm2Token, Tpm2ImportToken
 from rhel_cvm_update.secrets import Secret
+
+# libtss2 logs every failed connect or command to stderr (WARNING:tcti:..., ERROR:esys:...)
+# before the exception that this adapter turns into one error line.  Silenced unless the
+# admin asks for them (TSS2_LOG=all+WARNING, rhel-cvm-update(8)).  Set before the library
+# loads: each libtss2 module reads TSS2_LOG once, at its first message.
+os.environ.setdefault("TSS2_LOG", "all+NONE")
 
 try:
     from tpm2_pytss import ESAPI, TSS2_Exception
@@ -148,6 +155,20 @@ def _unmarshal(cls, raw: bytes, *, source: str, field: str):
     return obj
 
 
+def _open_hint(tcti: str) -> str:
+    """What an admin checks when a TCTI does not open (libtss2's own messages are silenced)."""
+    name, _, conf = tcti.partition(":")
+    if name == "device":
+        path = conf or "/dev/tpmrm0"
+        problem = "does not exist" if not os.path.exists(path) else "exists; is it a TPM, and may root open it?"
+        where = f"{path} {problem}"
+    elif name in ("swtpm", "mssim"):
+        where = f"is a TPM simulator listening at {conf or 'the default port'}?"
+    else:
+        where = "check the 'tpm' key in the configuration"
+    return f"{where} (TSS2_LOG=all+WARNING shows libtss2's own messages)"
+
+
 class Tpm:
     """One ESAPI connection.  Use as ``with Tpm(config.tpm) as tpm: ...``."""
 
@@ -159,7 +180,7 @@ class Tpm:
         try:
             self._esapi = ESAPI(self.tcti)
         except TSS2_Exception as e:
-            raise MachineError(f"cannot open TPM {self.tcti!r}: {e}") from None
+            raise MachineError(f"cannot open TPM {self.tcti!r}: {e}; {_open_hint(self.tcti)}") from None
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -37,16 +37,6 @@ def register(subparsers) -> None:
     remove.set_defaults(run=run_remove)
 
 
-def _manager(config, need_partition: bool):
-    from rhel_cvm_update.adapters.efivarfs import EfiVarFs
-    from rhel_cvm_update.adapters.esp import Esp, locate_esp
-    from rhel_cvm_update.bootmgr import BootManager
-
-    partition = locate_esp(config.esp_device, config.esp) if need_partition else None
-    return BootManager(EfiVarFs(config.efivars), Esp(config.esp), config.vendor, config.uki_dir,
-                       partition)
-
-
 def efibootmgr_raw_text(data: bytes) -> str:
     """Optional data the way efibootmgr -v shows it: printable ASCII as is, other bytes '.'."""
     return "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in data)
@@ -64,7 +54,9 @@ def entry_line(entry) -> str:
 
 
 def run_list(args: argparse.Namespace, config) -> int:
-    manager = _manager(config, need_partition=False)
+    from rhel_cvm_update.bootmgr import open_boot_manager
+
+    manager = open_boot_manager(config)
     state = manager.state()
     ukis = manager.esp.list_ukis(config.uki_dir)
     if args.json:
@@ -104,27 +96,42 @@ def _report(changes: Sequence, dry_run: bool) -> None:
         print(f"{verb}{change.action} {change.target}: {change.summary}")
 
 
+def _changes_json(changes: Sequence) -> List[dict]:
+    return [{"action": c.action, "target": c.target, "summary": c.summary} for c in changes]
+
+
 def run_add(args: argparse.Namespace, config) -> int:
-    manager = _manager(config, need_partition=True)
-    uki = manager.uki(args.uki)
-    number, changes = manager.plan_add(uki, once=args.once)
-    if not args.dry_run:
-        manager.apply(changes)
+    from rhel_cvm_update.bootmgr import open_boot_manager
+    from rhel_cvm_update.journal import writing_command
+
+    with writing_command(config.state_dir, "boot add", dry_run=args.dry_run) as record:
+        manager = open_boot_manager(config, need_partition=True)
+        uki = manager.uki(args.uki)
+        number, changes = manager.plan_add(uki, once=args.once)
+        if not args.dry_run:
+            manager.apply(changes)
+        record({"outcome": "added", "uki": uki.esp_path, "entry": f"Boot{number:04X}", "once": args.once,
+                "changes": _changes_json(changes)})
     _report(changes, args.dry_run)
     print(f"Boot{number:04X} starts {uki.esp_path}" + (" once (BootNext)" if args.once else ""))
     return 0
 
 
 def run_remove(args: argparse.Namespace, config) -> int:
-    manager = _manager(config, need_partition=False)
-    try:
-        efi_path = manager.esp.efi_path(args.uki)
-    except ConfigError:
-        if not args.uki.startswith("\\"):
-            raise
-        efi_path = args.uki
-    changes: List = manager.plan_remove(efi_path)
-    if not args.dry_run:
-        manager.apply(changes)
+    from rhel_cvm_update.bootmgr import open_boot_manager
+    from rhel_cvm_update.journal import writing_command
+
+    with writing_command(config.state_dir, "boot remove", dry_run=args.dry_run) as record:
+        manager = open_boot_manager(config)
+        try:
+            efi_path = manager.esp.efi_path(args.uki)
+        except ConfigError:
+            if not args.uki.startswith("\\"):
+                raise
+            efi_path = args.uki
+        changes: List = manager.plan_remove(efi_path)
+        if not args.dry_run:
+            manager.apply(changes)
+        record({"outcome": "removed", "uki": efi_path, "changes": _changes_json(changes)})
     _report(changes, args.dry_run)
     return 0

@@ -17,16 +17,12 @@ def register(subparsers) -> None:
 
 
 def run(args, config) -> int:
-    from rhel_cvm_update.adapters.cryptsetup import Cryptsetup, resolve_device
-    from rhel_cvm_update.adapters.tpm import Tpm
     from rhel_cvm_update.output import print_json
-    from rhel_cvm_update.reseal import enroll_from_tpm2_import
+    from rhel_cvm_update.reseal import run_enroll
 
     if not args.from_tpm2_import:
         raise ConfigError("enroll needs --from-tpm2-import (first enrolment from a passphrase: reseal --key-file -)")
-    luks = Cryptsetup(resolve_device(config.luks_device))
-    with Tpm(config.tpm) as tpm:
-        result = enroll_from_tpm2_import(config, luks, tpm, dry_run=args.dry_run)
+    result = run_enroll(config, dry_run=args.dry_run)
     if args.json:
         print_json(result)
     else:

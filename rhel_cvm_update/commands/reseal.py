@@ -36,24 +36,14 @@ def describe(result) -> str:
 
 
 def run(args, config) -> int:
-    from rhel_cvm_update.adapters.cryptsetup import Cryptsetup, resolve_device
-    from rhel_cvm_update.adapters.tpm import Tpm
     from rhel_cvm_update.output import print_json
-    from rhel_cvm_update.reseal import parse_pcr_options, reseal
-    from rhel_cvm_update.secrets import Secret
+    from rhel_cvm_update.reseal import parse_pcr_options, run_reseal
 
     if args.key_file is not None and args.key_file != "-":
         raise ConfigError("--key-file takes only '-' (stdin): a key file on disk defeats the point")
     pcr_values = parse_pcr_options(args.pcr, config.pcrs) if args.pcr else None
-    luks = Cryptsetup(resolve_device(config.luks_device))
-    key = Secret.read_from_fd(sys.stdin.fileno()) if args.key_file == "-" else None
-    try:
-        with Tpm(config.tpm) as tpm:
-            result = reseal(config, luks, tpm, uki=args.uki, pcr_values=pcr_values, key=key,
-                            dry_run=args.dry_run)
-    finally:
-        if key is not None:
-            key.wipe()
+    result = run_reseal(config, uki=args.uki, pcr_values=pcr_values, dry_run=args.dry_run,
+                        key_fd=sys.stdin.fileno() if args.key_file == "-" else None)
     if args.json:
         print_json(result)
     else:

@@ -13,7 +13,6 @@ import binascii
 import dataclasses
 import json
 import re
-import struct
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from rhel_cvm_update.errors import FormatError, UnsupportedError
@@ -26,8 +25,6 @@ TOOL_FIELD = "rhel-cvm-update"
 LUKS2_MAX_KEYSLOTS = 32
 LUKS2_MAX_TOKENS = 32
 
-LUKS_MAGIC = b"LUKS\xba\xbe"
-LUKS_MAGIC_2ND = b"SKUL\xba\xbe"
 
 _HEX_RE = re.compile(r"^[0-9a-fA-F]*$")
 _DECIMAL_RE = re.compile(r"^(0|[1-9][0-9]*)$")
@@ -37,20 +34,6 @@ _DECIMAL_RE = re.compile(r"^(0|[1-9][0-9]*)$")
 _SYSTEMD_FIELD_ORDER = ("type", "keyslots", "tpm2-blob", "tpm2-pcrs", "tpm2-pcr-bank",
                         "tpm2-primary-alg", "tpm2-policy-hash", "tpm2-pin")
 _KNOWN_FIELDS = frozenset(_SYSTEMD_FIELD_ORDER) | {"tpm2_srk", TOOL_FIELD}
-
-
-def check_luks2_magic(header: bytes, *, source: str) -> None:
-    """The first bytes of a LUKS device: magic, then a u16 BE version (LUKS2 on-disk format)."""
-    if len(header) < 8:
-        raise FormatError(f"only {len(header)} bytes, no LUKS header", source=source, offset=0, field="magic")
-    if header[:6] not in (LUKS_MAGIC, LUKS_MAGIC_2ND):
-        raise FormatError("not a LUKS device (wrong magic)", source=source, offset=0, field="magic")
-    (version,) = struct.unpack_from(">H", header, 6)
-    if version == 1:
-        raise UnsupportedError(f"{source}: LUKS1 header; systemd-tpm2 tokens need LUKS2 "
-                               "(cryptsetup convert --type luks2)")
-    if version != 2:
-        raise FormatError(f"unknown LUKS version {version}", source=source, offset=6, field="version")
 
 
 def _token_error(token_id: Any, field: str, message: str, source: str) -> FormatError:

@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rhel_cvm_update.errors import FormatError, UnsupportedError
-from rhel_cvm_update.formats.luks_token import (LuksMetadata, SystemdTpm2Token, Tpm2ImportToken,
-                                                check_luks2_magic)
+from rhel_cvm_update.formats.luks_token import LuksMetadata, SystemdTpm2Token, Tpm2ImportToken
 
 BLOB = b"\x00\x04priv" + b"\x00\x06public"
 
@@ -122,19 +121,6 @@ def test_metadata_rejects_hostile_json(data, message):
 def test_import_and_systemd_token_may_share_a_keyslot_mid_conversion():
     meta = LuksMetadata.from_json_bytes(metadata({"0": import_token(keyslots=["2"]), "1": systemd_token()}), "img")
     assert sorted(meta.tokens) == [0, 1]
-
-
-def test_luks_magic():
-    check_luks2_magic(b"LUKS\xba\xbe\x00\x02", source="d")
-    check_luks2_magic(b"SKUL\xba\xbe\x00\x02", source="d")
-    with pytest.raises(UnsupportedError, match="LUKS1"):
-        check_luks2_magic(b"LUKS\xba\xbe\x00\x01", source="d")
-    with pytest.raises(FormatError, match="wrong magic"):
-        check_luks2_magic(b"\x00" * 8, source="d")
-    with pytest.raises(FormatError, match="unknown LUKS version 3"):
-        check_luks2_magic(b"LUKS\xba\xbe\x00\x03", source="d")
-    with pytest.raises(FormatError, match="only 3 bytes"):
-        check_luks2_magic(b"LUK", source="d")
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-5, 40) | st.text(max_size=8),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from rhel_cvm_update import daemon
+from rhel_cvm_update.adapters import systemd as systemd_adapter
 
 pytestmark = [pytest.mark.root]
 
@@ -89,18 +89,18 @@ def ours(entries):
 
 def test_native_entries_carry_message_id_priority_and_fields(tmp_path):
     code = textwrap.dedent("""
-        from rhel_cvm_update import daemon
-        log = daemon.JournalLog()
+        from rhel_cvm_update.adapters import systemd as systemd_adapter
+        log = systemd_adapter.JournalLog()
         assert log.sink == "journal", log.sink
         log.outcome("staged", "sealed token 2 (keyslot 3) for /esp/EFI/Linux/uki-b.efi",
                     UKI="/esp/EFI/Linux/uki-b.efi", TOKEN_ID=2, KEYSLOT=3, BOOT_ENTRY="Boot0001",
                     PCR4=bytes.fromhex("ab" * 32), PCR7="cd" * 32)
-        log.send("a step", priority=daemon.LOG_INFO, STEP="seal")
+        log.send("a step", priority=systemd_adapter.LOG_INFO, STEP="seal")
         print("plain stdout line")
     """)
     proc, entries = run_with_journald(tmp_path, [sys.executable, "-c", EXEC_AS_SERVICE, sys.executable, "-c", code])
     assert proc.returncode == 0, proc.stderr.decode()
-    staged = [e for e in entries if e.get("MESSAGE_ID") == daemon.OUTCOMES["staged"].message_id]
+    staged = [e for e in entries if e.get("MESSAGE_ID") == systemd_adapter.OUTCOMES["staged"].message_id]
     assert len(staged) == 1
     entry = staged[0]
     assert entry["MESSAGE"] == "sealed token 2 (keyslot 3) for /esp/EFI/Linux/uki-b.efi"
@@ -117,8 +117,8 @@ def test_native_entries_carry_message_id_priority_and_fields(tmp_path):
 
 def test_outside_a_service_lines_go_to_stderr_not_the_journal(tmp_path):
     code = textwrap.dedent("""
-        from rhel_cvm_update import daemon
-        log = daemon.JournalLog()
+        from rhel_cvm_update.adapters import systemd as systemd_adapter
+        log = systemd_adapter.JournalLog()
         log.outcome("refused", "prediction refused: PCR7 mismatch", REASON="PCR7")
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "INVOCATION_ID")}
@@ -181,7 +181,7 @@ def test_update_and_confirm_as_the_units_run_them(tmp_path, notify_socket):
         statuses = [n for n in notes[1:-1]]
         assert statuses[0].startswith("STATUS=waiting until ") and any(s.startswith("STATUS=seal") for s in statuses)
 
-        staged = [e for e in entries if e.get("MESSAGE_ID") == daemon.OUTCOMES["staged"].message_id]
+        staged = [e for e in entries if e.get("MESSAGE_ID") == systemd_adapter.OUTCOMES["staged"].message_id]
         assert len(staged) == 1, json.dumps(ours(entries), indent=1)
         expected = sandbox.captured_pcrs("sb-off-uki-b")
         entry = staged[0]
@@ -200,11 +200,11 @@ def test_update_and_confirm_as_the_units_run_them(tmp_path, notify_socket):
         assert proc.returncode == 0, proc.stderr.decode() + json.dumps(ours(entries), indent=1)
         notes = drain(sock)
         assert notes[0] == "READY=1\nSTATUS=confirm: started" and notes[-1] == "STOPPING=1\nSTATUS=confirm: confirmed"
-        confirmed = [e for e in entries if e.get("MESSAGE_ID") == daemon.OUTCOMES["confirmed"].message_id]
+        confirmed = [e for e in entries if e.get("MESSAGE_ID") == systemd_adapter.OUTCOMES["confirmed"].message_id]
         assert len(confirmed) == 1 and confirmed[0]["UKI"] == str(uki_b)
         assert confirmed[0]["BOOT_ENTRY"] == entry["BOOT_ENTRY"]
         # keep_previous: 1 keeps chain A
-        assert not [e for e in entries if e.get("MESSAGE_ID") == daemon.OUTCOMES["removed"].message_id]
+        assert not [e for e in entries if e.get("MESSAGE_ID") == systemd_adapter.OUTCOMES["removed"].message_id]
 
         # dnf erases kernel A: the next update retires its chain, systemd-cryptenroll's token included
         tokens_before = set(cvm.luks_json()["tokens"])
@@ -212,7 +212,7 @@ def test_update_and_confirm_as_the_units_run_them(tmp_path, notify_socket):
         proc, entries = run_with_journald(tmp_path, service_argv(cvm.config_path, "update"), env=env)
         assert proc.returncode == 0, proc.stderr.decode() + json.dumps(ours(entries), indent=1)
         assert drain(sock)[-1] == "STOPPING=1\nSTATUS=update: removed"
-        removed = [e for e in entries if e.get("MESSAGE_ID") == daemon.OUTCOMES["removed"].message_id]
+        removed = [e for e in entries if e.get("MESSAGE_ID") == systemd_adapter.OUTCOMES["removed"].message_id]
         assert [e["UKI"] for e in removed] == [str(cvm.uki_dir / "uki-a.efi")]
         assert tokens_before - set(cvm.luks_json()["tokens"]) == {removed[0]["TOKEN_ID"]}
         assert cvm.plugin_unlocks(token)
@@ -233,7 +233,7 @@ def test_a_failed_update_is_one_failed_entry_and_a_nonzero_exit(tmp_path, notify
                       f"luks_device: {tmp_path / 'luks.img'}\n")
     env = dict(os.environ, NOTIFY_SOCKET=sock_path, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc, entries = run_with_journald(tmp_path, service_argv(config, "update"), env=env)
-    failed = [e for e in entries if e.get("MESSAGE_ID") == daemon.OUTCOMES["failed"].message_id]
+    failed = [e for e in entries if e.get("MESSAGE_ID") == systemd_adapter.OUTCOMES["failed"].message_id]
     assert proc.returncode != 0
     assert len(failed) == 1 and failed[0]["PRIORITY"] == "3" and failed[0]["COMMAND"] == "update"
     notes = drain(sock)
@@ -258,13 +258,13 @@ exec "$@"
 def test_catalog_explains_each_outcome_with_the_entry_fields(tmp_path):
     """systemd/rhel-cvm-update.catalog compiled by journalctl --update-catalog: `journalctl -x`
     prints each outcome's explanation with the entry's own fields filled in, and the
-    catalog covers exactly the MESSAGE_IDs of daemon.OUTCOMES."""
+    catalog covers exactly the MESSAGE_IDs of systemd_adapter.OUTCOMES."""
     catalog = Path(__file__).resolve().parents[2] / "systemd" / "rhel-cvm-update.catalog"
     ids = set(re.findall(r"^-- ([0-9a-f]{32})$", catalog.read_text(), re.M))
-    assert ids == {o.message_id for o in daemon.OUTCOMES.values()}
+    assert ids == {o.message_id for o in systemd_adapter.OUTCOMES.values()}
     code = textwrap.dedent("""
-        from rhel_cvm_update import daemon
-        log = daemon.JournalLog(sink="journal")
+        from rhel_cvm_update.adapters import systemd as systemd_adapter
+        log = systemd_adapter.JournalLog(sink="journal")
         log.outcome("staged", "sealed", UKI="/esp/EFI/Linux/uki-b.efi", TOKEN_ID=2, KEYSLOT=3,
                     BOOT_ENTRY="Boot0001", SOURCE="log")
         log.outcome("failed", "update failed: TPM gone", COMMAND="update", REASON="machine")

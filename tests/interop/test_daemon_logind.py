@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rhel_cvm_update import daemon
+from rhel_cvm_update.adapters import systemd as systemd_adapter
 
 pytestmark = [pytest.mark.root]
 
@@ -104,7 +104,7 @@ class Lines:
 
 def _log():
     lines = Lines()
-    return daemon.JournalLog(sink="stderr", stream=lines, stderr_priority=daemon.LOG_DEBUG), lines
+    return systemd_adapter.JournalLog(sink="stderr", stream=lines, stderr_priority=systemd_adapter.LOG_DEBUG), lines
 
 
 def _wait_for(predicate, timeout=5.0):
@@ -119,7 +119,7 @@ def _wait_for(predicate, timeout=5.0):
 def test_inhibitor_holds_the_fd_until_release(fake_login1, bus):
     record = fake_login1("ok")
     log, lines = _log()
-    inhibitor = daemon.ShutdownInhibitor(log, bus_address=bus)
+    inhibitor = systemd_adapter.ShutdownInhibitor(log, bus_address=bus)
     with inhibitor:
         assert inhibitor.fd is not None and os.fstat(inhibitor.fd)
         assert record.read_text().splitlines() == [
@@ -138,7 +138,7 @@ def test_inhibitor_holds_the_fd_until_release(fake_login1, bus):
 def test_inhibitor_refused_degrades_to_a_warning(fake_login1, bus, mode, expected):
     fake_login1(mode)
     log, lines = _log()
-    with daemon.ShutdownInhibitor(log, bus_address=bus) as inhibitor:
+    with systemd_adapter.ShutdownInhibitor(log, bus_address=bus) as inhibitor:
         assert inhibitor.fd is None
     assert len(lines.lines) == 1 and lines.lines[0].startswith("rhel-cvm-update: shutdown not inhibited: ")
     assert expected in lines.lines[0]
@@ -148,7 +148,7 @@ def test_hung_logind_costs_at_most_the_timeout(fake_login1, bus):
     fake_login1("hang")
     log, lines = _log()
     started = time.monotonic()
-    with daemon.ShutdownInhibitor(log, bus_address=bus, timeout_ms=500) as inhibitor:
+    with systemd_adapter.ShutdownInhibitor(log, bus_address=bus, timeout_ms=500) as inhibitor:
         assert inhibitor.fd is None
     assert time.monotonic() - started < 5
     assert "shutdown not inhibited" in lines.lines[0] and "imeout" in lines.lines[0]
@@ -156,14 +156,14 @@ def test_hung_logind_costs_at_most_the_timeout(fake_login1, bus):
 
 def test_no_logind_on_the_bus(bus):
     log, lines = _log()
-    with daemon.ShutdownInhibitor(log, bus_address=bus) as inhibitor:
+    with systemd_adapter.ShutdownInhibitor(log, bus_address=bus) as inhibitor:
         assert inhibitor.fd is None
     assert "shutdown not inhibited" in lines.lines[0] and "org.freedesktop.login1" in lines.lines[0]
 
 
 def test_no_bus_at_all(tmp_path):
     log, lines = _log()
-    with daemon.ShutdownInhibitor(log, bus_address="unix:path=%s" % (tmp_path / "absent")) as inhibitor:
+    with systemd_adapter.ShutdownInhibitor(log, bus_address="unix:path=%s" % (tmp_path / "absent")) as inhibitor:
         assert inhibitor.fd is None
     assert lines.lines[0].startswith("rhel-cvm-update: shutdown not inhibited: ")
 
@@ -213,8 +213,9 @@ def test_real_logind_lists_our_block_inhibitor_only_during_the_critical_section(
     client) asks logind for its inhibitors."""
     code = textwrap.dedent("""
         import sys
+        from rhel_cvm_update.adapters import systemd as systemd_adapter
         from rhel_cvm_update import daemon
-        hooks = daemon.DaemonHooks(log=daemon.JournalLog(sink="stderr"), notifier=daemon.Notifier(notify=lambda s: None))
+        hooks = daemon.DaemonHooks(log=systemd_adapter.JournalLog(sink="stderr"), notifier=systemd_adapter.Notifier(notify=lambda s: None))
         with hooks.critical():
             print("inside", flush=True)
             sys.stdin.readline()

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from rhel_cvm_update import daemon
+from rhel_cvm_update.adapters import systemd as systemd_adapter
 
 pytestmark = [pytest.mark.swtpm, pytest.mark.root]
 
@@ -212,7 +212,7 @@ def test_path_unit_starts_the_service_once_per_change_and_never_loops(tmp_path):
         assert manager.show("rhel-cvm-update.path", "SubState")["SubState"] == "waiting"
 
         entries = [e for e in manager.journal() if e.get("SYSLOG_IDENTIFIER") == "rhel-cvm-update"]
-        staged = [e for e in entries if e.get("MESSAGE_ID") == daemon.OUTCOMES["staged"].message_id]
+        staged = [e for e in entries if e.get("MESSAGE_ID") == systemd_adapter.OUTCOMES["staged"].message_id]
         assert len(staged) == 1, json.dumps(entries, indent=1)
         assert staged[0]["UKI"] == str(uki_b) and staged[0]["_TRANSPORT"] == "journal"
         # journald cannot name the unit (the scratch manager's cgroup is not under user.slice);

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from rhel_cvm_update.transaction import read_journal
+from rhel_cvm_update.journal import Journal
 from tests.packaging.hookenv import HOOK, KERNEL_INSTALL_PLUGIN, Recorder
 from tests.packaging.test_hooks import TRANSACTION_PATHS
 from tests.sandbox import read_u16_var, sandbox  # noqa: F401  (fixture)
@@ -111,6 +111,6 @@ def test_kernel_install_add_then_remove_on_the_sandbox(sandbox, tmp_path):
     assert not (cvm.uki_dir / ("%s-%s.efi" % (token, older))).exists()
     assert "update: removed" in removed.stdout
     assert len(keyslots(cvm)) == len(slots_before) + 1
-    chains = read_journal(str(cvm.state_dir))["chains"].values()
-    assert not any(c.get("uki", "").endswith("-%s.efi" % older) and c["status"] != "retired" for c in chains)
+    chains = Journal(str(cvm.state_dir)).chains.values()
+    assert not any((c.uki or "").endswith("-%s.efi" % older) and c.status != "retired" for c in chains)
     assert recorder.calls() == ["update"] * 3
