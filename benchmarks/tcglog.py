@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, List
 
 from rhel_cvm_update.errors import FormatError
-from rhel_cvm_update.formats import tcglog
+from rhel_cvm_update.formats import tcg_describe, tcglog
 
 REPEATS = 5
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def full_pass(raw: bytes) -> None:
     log = tcglog.parse_event_log(raw)
     tcglog.replay(log)
     for event in log.events:
-        tcglog.describe_event(event, log.uintn_size)
+        tcg_describe.describe_event(event, log.uintn_size)
 
 
 def worst_case() -> bytes:

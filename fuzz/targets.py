@@ -32,12 +32,12 @@ def _pe(data: bytes) -> None:
 
 
 def _event_log(data: bytes) -> None:
-    from rhel_cvm_update.formats import tcglog
+    from rhel_cvm_update.formats import tcg_describe, tcglog
 
     log = tcglog.parse_event_log(data, "fuzz")
     tcglog.replay(log)
     for event in log.events:
-        tcglog.describe_event(event, log.uintn_size)
+        tcg_describe.describe_event(event, log.uintn_size)
 
 
 def _load_option(data: bytes) -> None:

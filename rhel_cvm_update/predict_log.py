@@ -25,7 +25,7 @@ from rhel_cvm_update.boot_events import (CALLING_EFI_APPLICATION, RETURNING_FROM
                                          ImageMeasurement, PlannedEvent, Prediction, bank_hash,
                                          compare_with_live, replay_planned)
 from rhel_cvm_update.errors import FormatError, PredictionError
-from rhel_cvm_update.formats import tcglog
+from rhel_cvm_update.formats import tcg_event_data, tcglog
 from rhel_cvm_update.formats.devpath import (SYSTEMD_STUB_LINUX_VENDOR_GUID, EndNode, FilePathNode,
                                              VendorNode)
 from rhel_cvm_update.formats.efi import EFI_GLOBAL_VARIABLE, SHIM_LOCK_GUID, UefiVariableData
@@ -94,7 +94,7 @@ class BootChain:
 
 def _image_path(log: tcglog.EventLog, ev: tcglog.TcgEvent):
     try:
-        image = tcglog.decode_event_data(ev, uintn_size=_uintn(log), source=log.source)
+        image = tcg_event_data.decode_event_data(ev, uintn_size=_uintn(log), source=log.source)
     except FormatError as e:
         raise PredictionError(f"{log.source}: cannot decode {_event_label(ev)}: {e}") from None
     return tuple(n for n in image.device_path if not isinstance(n, EndNode))
@@ -304,7 +304,7 @@ SHIM_STATE_VARIABLES = ("SbatLevel", "MokSBState")
 
 def _variable(log: tcglog.EventLog, ev: tcglog.TcgEvent) -> UefiVariableData:
     try:
-        var = tcglog.decode_event_data(ev, uintn_size=_uintn(log), source=log.source)
+        var = tcg_event_data.decode_event_data(ev, uintn_size=_uintn(log), source=log.source)
     except FormatError as e:
         raise PredictionError(f"{log.source}: cannot decode {_event_label(ev)}: {e}") from None
     if not isinstance(var, UefiVariableData):

@@ -95,7 +95,8 @@ def real_boot_variables():
     variables the VM captures read from OVMF.  Empty when neither is present."""
     from rhel_cvm_update.errors import CvmUpdateError
     from rhel_cvm_update.formats.loadopt import boot_number
-    from rhel_cvm_update.formats.tcglog import decode_event_data, parse_event_log
+    from rhel_cvm_update.formats.tcg_event_data import decode_event_data
+    from rhel_cvm_update.formats.tcglog import parse_event_log
 
     found = {}
     if CORPUS.is_dir():

@@ -240,7 +240,7 @@ def test_update_under_the_daemon_hooks_journals_no_secret(tmp_path):
     sandbox CVM; after a simulated reboot into the staged chain both secrets are unsealed
     and searched for in everything the service would have emitted and in the state dir."""
     from rhel_cvm_update.adapters.systemd import JournalLog, Notifier
-from rhel_cvm_update.daemon import DaemonHooks
+    from rhel_cvm_update.daemon import DaemonHooks
     from rhel_cvm_update.transaction import run_update
     from tests.sandbox import built_or_skip
 

@@ -34,7 +34,8 @@ def read_log_file(path: str) -> bytes:
 
 
 def log_as_json(log: Any) -> Dict[str, Any]:
-    from rhel_cvm_update.formats.tcglog import describe_event, replay
+    from rhel_cvm_update.formats.tcg_describe import describe_event
+    from rhel_cvm_update.formats.tcglog import replay
 
     return {
         "source": log.source,

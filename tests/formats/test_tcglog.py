@@ -15,10 +15,11 @@ import uuid
 import pytest
 
 from rhel_cvm_update.errors import FormatError, UnsupportedError
-from rhel_cvm_update.formats import tcglog
+from rhel_cvm_update.formats import tcg_describe, tcg_event_data, tcglog
 from rhel_cvm_update.formats.devpath import (SYSTEMD_STUB_LINUX_VENDOR_GUID, EndNode, FilePathNode,
                                              HardDriveNode, VendorNode)
 from rhel_cvm_update.formats.efi import EFI_GLOBAL_VARIABLE, SHIM_LOCK_GUID
+from rhel_cvm_update.formats.gpt import GptPartition
 
 SHA1, SHA256, SHA384, SM3 = 0x0004, 0x000B, 0x000C, 0x0012
 SHA3_256 = 0x0027  # a real TPM_ALG_ID this module does not know
@@ -273,9 +274,9 @@ SHIM_PATH = (bytes.fromhex("04012a0001000000000800000000000000400600000000001a9e
 
 
 def test_systemd_stub_kernel_event():
-    decoded = tcglog.decode_event_data(event_of(tcglog.EV_EFI_BOOT_SERVICES_APPLICATION,
+    decoded = tcg_event_data.decode_event_data(event_of(tcglog.EV_EFI_BOOT_SERVICES_APPLICATION,
                                                 image_load(STUB_KERNEL_PATH, length=8247232)))
-    assert isinstance(decoded, tcglog.ImageLoadEvent)
+    assert isinstance(decoded, tcg_event_data.ImageLoadEvent)
     assert (decoded.location, decoded.length, decoded.link_time_address) == (0x7C000000, 8247232, 0)
     vendor, end = decoded.device_path
     assert isinstance(vendor, VendorNode) and vendor.guid == SYSTEMD_STUB_LINUX_VENDOR_GUID
@@ -285,7 +286,7 @@ def test_systemd_stub_kernel_event():
 
 
 def test_shim_full_device_path():
-    decoded = tcglog.decode_event_data(event_of(tcglog.EV_EFI_BOOT_SERVICES_APPLICATION,
+    decoded = tcg_event_data.decode_event_data(event_of(tcglog.EV_EFI_BOOT_SERVICES_APPLICATION,
                                                 image_load(SHIM_PATH)))
     hd, file_node, _ = decoded.device_path
     assert isinstance(hd, HardDriveNode) and isinstance(file_node, FilePathNode)
@@ -307,17 +308,17 @@ def test_image_load_tolerates_real_firmware_shapes():
         "shim 15 slack after a path": image_load(uki_file + b"\x7f\xff\x04\x00") + b"\0" * 8,
     }
     for shape, data in shapes.items():
-        decoded = tcglog.decode_event_data(event_of(tcglog.EV_EFI_BOOT_SERVICES_APPLICATION, data))
+        decoded = tcg_event_data.decode_event_data(event_of(tcglog.EV_EFI_BOOT_SERVICES_APPLICATION, data))
         paths = [n.path for n in decoded.device_path if isinstance(n, FilePathNode)]
         assert paths == ([] if "empty" in shape else ["\\EFI\\Linux\\a.efi"]), shape
 
 
 def test_image_load_uintn_sizes():
     event32 = event_of(tcglog.EV_EFI_BOOT_SERVICES_DRIVER, image_load(STUB_KERNEL_PATH, uintn="I"))
-    assert tcglog.decode_event_data(event32, uintn_size=4).raw_device_path == STUB_KERNEL_PATH
+    assert tcg_event_data.decode_event_data(event32, uintn_size=4).raw_device_path == STUB_KERNEL_PATH
     # A header declaring 32-bit UINTNs over 64-bit fields (a Dell firmware does this).
     event64 = event_of(tcglog.EV_EFI_RUNTIME_SERVICES_DRIVER, image_load(STUB_KERNEL_PATH))
-    assert tcglog.decode_event_data(event64, uintn_size=4).raw_device_path == STUB_KERNEL_PATH
+    assert tcg_event_data.decode_event_data(event64, uintn_size=4).raw_device_path == STUB_KERNEL_PATH
 
 
 def variable(guid, name, data):
@@ -327,18 +328,18 @@ def variable(guid, name, data):
 
 def test_variable_events():
     secure_boot = variable(EFI_GLOBAL_VARIABLE, "SecureBoot", b"\x01")
-    decoded = tcglog.decode_event_data(event_of(tcglog.EV_EFI_VARIABLE_DRIVER_CONFIG,
+    decoded = tcg_event_data.decode_event_data(event_of(tcglog.EV_EFI_VARIABLE_DRIVER_CONFIG,
                                                 secure_boot, pcr=7))
     assert (decoded.guid, decoded.name, decoded.data) == (EFI_GLOBAL_VARIABLE, "SecureBoot", b"\x01")
     # Some firmware measures SecureBoot with no data bytes at all.
-    empty = tcglog.decode_event_data(event_of(tcglog.EV_EFI_VARIABLE_DRIVER_CONFIG,
+    empty = tcg_event_data.decode_event_data(event_of(tcglog.EV_EFI_VARIABLE_DRIVER_CONFIG,
                                               variable(EFI_GLOBAL_VARIABLE, "SecureBoot", b"")))
     assert empty.data == b""
     sbat = variable(SHIM_LOCK_GUID, "SbatLevel", b"sbat,1,2021030218\n")
     for event_type in (tcglog.EV_EFI_VARIABLE_AUTHORITY, tcglog.EV_EFI_VARIABLE_BOOT,
                        tcglog.EV_EFI_VARIABLE_BOOT2):
-        assert tcglog.decode_event_data(event_of(event_type, sbat)).name == "SbatLevel"
-    described = tcglog.describe_event(event_of(tcglog.EV_EFI_VARIABLE_AUTHORITY, sbat, pcr=7))
+        assert tcg_event_data.decode_event_data(event_of(event_type, sbat)).name == "SbatLevel"
+    described = tcg_describe.describe_event(event_of(tcglog.EV_EFI_VARIABLE_AUTHORITY, sbat, pcr=7))
     assert described["summary"] == "SbatLevel = 'sbat,1,2021030218'"
     assert described["data"]["guid"] == str(SHIM_LOCK_GUID)
 
@@ -346,7 +347,7 @@ def test_variable_events():
 def test_variable_with_shim15_slack():
     cert = b"\x30\x82\x01\x00" + b"\xaa" * 256
     data = variable(SHIM_LOCK_GUID, "Shim", cert) + b"\0" * 6
-    decoded = tcglog.decode_event_data(event_of(tcglog.EV_EFI_VARIABLE_AUTHORITY, data, pcr=7))
+    decoded = tcg_event_data.decode_event_data(event_of(tcglog.EV_EFI_VARIABLE_AUTHORITY, data, pcr=7))
     assert (decoded.name, decoded.data) == ("Shim", cert)
 
 
@@ -365,20 +366,20 @@ def test_variable_with_shim15_slack():
     (tcglog.EV_COMPACT_HASH, b"x", None),
 ])
 def test_text_events(event_type, raw, text):
-    assert tcglog.decode_event_data(event_of(event_type, raw)) == text
+    assert tcg_event_data.decode_event_data(event_of(event_type, raw)) == text
 
 
 def test_crtm_version_guid():
     guid = uuid.UUID("1efb6b54-0c1d-4055-a4ad-4ef4bf17b83a")
-    assert tcglog.decode_event_data(event_of(tcglog.EV_S_CRTM_VERSION, guid.bytes_le)) == guid
+    assert tcg_event_data.decode_event_data(event_of(tcglog.EV_S_CRTM_VERSION, guid.bytes_le)) == guid
 
 
 def test_separators():
-    assert tcglog.decode_event_data(event_of(tcglog.EV_SEPARATOR, SEPARATOR)) == 0
-    assert tcglog.decode_event_data(event_of(tcglog.EV_SEPARATOR, b"\xff" * 4)) == 0xFFFFFFFF
-    assert tcglog.decode_event_data(event_of(tcglog.EV_SEPARATOR, b"WBCL")) == 0x4C434257
+    assert tcg_event_data.decode_event_data(event_of(tcglog.EV_SEPARATOR, SEPARATOR)) == 0
+    assert tcg_event_data.decode_event_data(event_of(tcglog.EV_SEPARATOR, b"\xff" * 4)) == 0xFFFFFFFF
+    assert tcg_event_data.decode_event_data(event_of(tcglog.EV_SEPARATOR, b"WBCL")) == 0x4C434257
     with pytest.raises(FormatError):
-        tcglog.decode_event_data(event_of(tcglog.EV_SEPARATOR, b"\0" * 5))
+        tcg_event_data.decode_event_data(event_of(tcglog.EV_SEPARATOR, b"\0" * 5))
 
 
 def sp800_155_event3():
@@ -393,18 +394,18 @@ def sp800_155_event3():
 
 def test_no_action_events():
     no_action = tcglog.EV_NO_ACTION
-    assert tcglog.decode_event_data(event_of(no_action, STARTUP_LOCALITY_3, pcr=0)) == \
-        tcglog.StartupLocalityEvent(3)
-    sp = tcglog.decode_event_data(event_of(no_action, sp800_155_event3(), pcr=0))
+    assert tcg_event_data.decode_event_data(event_of(no_action, STARTUP_LOCALITY_3, pcr=0)) == \
+        tcg_event_data.StartupLocalityEvent(3)
+    sp = tcg_event_data.decode_event_data(event_of(no_action, sp800_155_event3(), pcr=0))
     assert (sp.signature, sp.vendor_id, sp.firmware_manufacturer_id) == (
         "SP800-155 Event3", 11129, 11129)
     assert sp.strings == {"platform_manufacturer": "Google", "platform_model": "Compute Engine",
                           "platform_version": "v2", "firmware_manufacturer": "Google",
                           "firmware_version": "fw 1.0"}
     assert sp.rest == struct.pack("<II", 1, 4) + b"http" + struct.pack("<II", 0, 0)
-    spec = tcglog.decode_event_data(event_of(no_action, spec_id_body()))
+    spec = tcg_event_data.decode_event_data(event_of(no_action, spec_id_body()))
     assert spec.algorithms == {SHA1: 20, SHA256: 32}
-    assert tcglog.decode_event_data(event_of(no_action, b"NvIndexInstance\0" + bytes(8))) is None
+    assert tcg_event_data.decode_event_data(event_of(no_action, b"NvIndexInstance\0" + bytes(8))) is None
 
 
 def test_gpt_event():
@@ -416,34 +417,34 @@ def test_gpt_event():
     entry = struct.pack("<16s16sQQQ72s", esp_type.bytes_le, esp.bytes_le, 2048, 98270, 0,
                         "EFI System".encode("utf-16-le").ljust(72, b"\0"))
     for uintn, count in ((8, struct.pack("<Q", 1)), (4, struct.pack("<I", 1))):
-        gpt = tcglog.decode_event_data(event_of(tcglog.EV_EFI_GPT_EVENT, gpt_header + count + entry,
+        gpt = tcg_event_data.decode_event_data(event_of(tcglog.EV_EFI_GPT_EVENT, gpt_header + count + entry,
                                                 pcr=5), uintn_size=uintn)
         assert gpt.disk_guid == disk
-        assert gpt.partitions == (tcglog.GptPartition(esp_type, esp, 2048, 98270, 0, "EFI System"),)
+        assert gpt.partitions == (GptPartition(None, esp_type, esp, 2048, 98270, 0, "EFI System"),)
     with pytest.raises(FormatError):
-        tcglog.decode_event_data(event_of(tcglog.EV_EFI_GPT_EVENT,
+        tcg_event_data.decode_event_data(event_of(tcglog.EV_EFI_GPT_EVENT,
                                           b"NOT PART" + gpt_header[8:] + struct.pack("<Q", 0)))
 
 
 def test_firmware_blobs_and_tags():
-    blob = tcglog.decode_event_data(event_of(tcglog.EV_EFI_PLATFORM_FIRMWARE_BLOB,
+    blob = tcg_event_data.decode_event_data(event_of(tcglog.EV_EFI_PLATFORM_FIRMWARE_BLOB,
                                              struct.pack("<QQ", 0xFFC00000, 0x400000), pcr=0))
-    assert blob == tcglog.FirmwareBlob(0xFFC00000, 0x400000)
-    blob2 = tcglog.decode_event_data(event_of(tcglog.EV_EFI_PLATFORM_FIRMWARE_BLOB2,
+    assert blob == tcg_event_data.FirmwareBlob(0xFFC00000, 0x400000)
+    blob2 = tcg_event_data.decode_event_data(event_of(tcglog.EV_EFI_PLATFORM_FIRMWARE_BLOB2,
                                               b"\x06DXEFV\0" + struct.pack("<QQ", 0x100, 0x200)))
-    assert blob2 == tcglog.FirmwareBlob(0x100, 0x200, "DXEFV")
+    assert blob2 == tcg_event_data.FirmwareBlob(0x100, 0x200, "DXEFV")
     tag_data = "Linux initrd\0".encode("utf-16-le")
-    tag = tcglog.decode_event_data(event_of(tcglog.EV_EVENT_TAG, struct.pack(
+    tag = tcg_event_data.decode_event_data(event_of(tcglog.EV_EVENT_TAG, struct.pack(
         "<II", 0x8F3B22EC, len(tag_data)) + tag_data, pcr=9))
-    assert tag == tcglog.TaggedEvent(0x8F3B22EC, tag_data)
+    assert tag == tcg_event_data.TaggedEvent(0x8F3B22EC, tag_data)
 
 
 def test_unknown_event_type_and_describe():
     event = tcglog.TcgEvent(3, 0x100, 5, 0x0000040E, {"sha256": b"\x01" * 32}, b"\xde\xad",
                             0x130)
     assert event.type_name == "EV_UNKNOWN_0x0000040e"
-    assert tcglog.decode_event_data(event) is None
-    described = tcglog.describe_event(event)
+    assert tcg_event_data.decode_event_data(event) is None
+    described = tcg_describe.describe_event(event)
     assert described == {"index": 3, "offset": 0x100, "pcr": 5, "type": "EV_UNKNOWN_0x0000040e",
                          "type_value": 0x40E, "digests": {"sha256": "01" * 32}, "data": None,
                          "data_hex": "dead", "summary": "(2 bytes)"}
@@ -451,7 +452,7 @@ def test_unknown_event_type_and_describe():
 
 def test_describe_undecodable_data_keeps_the_hex_and_the_reason():
     event = tcglog.TcgEvent(0, 0, 4, tcglog.EV_SEPARATOR, {}, b"\x01\x02", 0x40)
-    described = tcglog.describe_event(event, source="log")
+    described = tcg_describe.describe_event(event, source="log")
     assert described["data_hex"] == "0102"
     assert "log at offset 0x40" in described["data_error"]
 
@@ -470,47 +471,47 @@ def test_descriptions_are_json():
         event_of(tcglog.EV_EVENT_TAG, struct.pack("<II", 1, 0)),
     ]
     for event in events:
-        described = tcglog.describe_event(event)
+        described = tcg_describe.describe_event(event)
         assert "data_error" not in described and described["summary"]
         json.dumps(described)
 
 
 def test_decode_event_data_refuses_a_wrong_uintn_size():
     with pytest.raises(ValueError):
-        tcglog.decode_event_data(event_of(tcglog.EV_SEPARATOR, SEPARATOR), uintn_size=2)
+        tcg_event_data.decode_event_data(event_of(tcglog.EV_SEPARATOR, SEPARATOR), uintn_size=2)
 
 
 def test_handoff_tables():
     smbios = uuid.UUID("f2fd1544-9794-4a2c-992e-e5bbcf20e394")  # SMBIOS3_TABLE_GUID
     entries = smbios.bytes_le + struct.pack("<Q", 0x7F5A0000)
-    tables = tcglog.decode_event_data(event_of(tcglog.EV_EFI_HANDOFF_TABLES,
+    tables = tcg_event_data.decode_event_data(event_of(tcglog.EV_EFI_HANDOFF_TABLES,
                                                struct.pack("<Q", 1) + entries, pcr=1))
-    assert tables == tcglog.HandoffTables(((smbios, 0x7F5A0000),))
-    tables2 = tcglog.decode_event_data(event_of(
+    assert tables == tcg_event_data.HandoffTables(((smbios, 0x7F5A0000),))
+    tables2 = tcg_event_data.decode_event_data(event_of(
         tcglog.EV_EFI_HANDOFF_TABLES2, b"\x09SMBIOS3.0" + struct.pack("<Q", 1) + entries, pcr=1))
     assert tables2.description == "SMBIOS3.0" and tables2.tables == ((smbios, 0x7F5A0000),)
     # A 32-bit UINTN count (EFI_HANDOFF_TABLE_POINTERS on IA32) with 32-bit addresses.
     ia32 = struct.pack("<I", 1) + smbios.bytes_le + struct.pack("<I", 0x7F5A0000)
-    assert tcglog.decode_event_data(event_of(tcglog.EV_EFI_HANDOFF_TABLES, ia32),
+    assert tcg_event_data.decode_event_data(event_of(tcglog.EV_EFI_HANDOFF_TABLES, ia32),
                                     uintn_size=4).tables == ((smbios, 0x7F5A0000),)
     with pytest.raises(FormatError):
-        tcglog.decode_event_data(event_of(tcglog.EV_EFI_HANDOFF_TABLES,
+        tcg_event_data.decode_event_data(event_of(tcglog.EV_EFI_HANDOFF_TABLES,
                                           struct.pack("<Q", 2) + entries))
 
 
 @pytest.mark.parametrize("event_type,data,expected", [
     (tcglog.EV_POST_CODE, b"ACPI DATA", "ACPI DATA"),
     (tcglog.EV_POST_CODE, struct.pack("<QQ", 0xFF000000, 0x10000),
-     tcglog.FirmwareBlob(0xFF000000, 0x10000)),
+     tcg_event_data.FirmwareBlob(0xFF000000, 0x10000)),
     (tcglog.EV_S_CRTM_CONTENTS, b"Boot Guard Measured S-CRTM\0", "Boot Guard Measured S-CRTM"),
     (tcglog.EV_PLATFORM_CONFIG_FLAGS, b"No voltage offset", "No voltage offset"),
     (tcglog.EV_PLATFORM_CONFIG_FLAGS, b"\x01\x00\x00\x00\x02", None),
 ])
 def test_text_or_blob_events(event_type, data, expected):
-    assert tcglog.decode_event_data(event_of(event_type, data, pcr=0)) == expected
+    assert tcg_event_data.decode_event_data(event_of(event_type, data, pcr=0)) == expected
 
 
 def test_linux_event_tag_summary():
     data = b"Linux initrd\0"
     event = event_of(tcglog.EV_EVENT_TAG, struct.pack("<II", 0x8F3B22EC, len(data)) + data, pcr=9)
-    assert tcglog.describe_event(event)["summary"] == "Linux initrd: Linux initrd"
+    assert tcg_describe.describe_event(event)["summary"] == "Linux initrd: Linux initrd"

@@ -18,7 +18,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 
-from rhel_cvm_update.formats import tcglog
+from rhel_cvm_update.formats import tcg_describe, tcg_event_data, tcglog
 from rhel_cvm_update.formats.efi import SHIM_LOCK_GUID, UefiVariableData
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,7 +117,7 @@ def test_log_parses_as_catalogued(name):
 def test_every_event_of_a_real_log_decodes(name):
     log = load(name)
     for event in log.events:
-        described = tcglog.describe_event(event, log.uintn_size, name)
+        described = tcg_describe.describe_event(event, log.uintn_size, name)
         assert "data_error" not in described, described
         assert described["summary"]
 
@@ -169,7 +169,7 @@ def test_locality_logs_with_recorded_pcr0_exist():
 
 
 def _decoded(log: tcglog.EventLog, event: tcglog.TcgEvent) -> object:
-    return tcglog.decode_event_data(event, log.uintn_size, log.source)
+    return tcg_event_data.decode_event_data(event, log.uintn_size, log.source)
 
 
 @pytest.mark.parametrize("name", logs_with_feature("image load event with empty device path"))
@@ -213,7 +213,7 @@ def test_shim_mok_variables_in_pcr14(name):
 def test_sp800_155_event(name):
     log = load(name)
     events = [_decoded(log, e) for e in log.events if e.event_type == tcglog.EV_NO_ACTION]
-    sp = [d for d in events if isinstance(d, tcglog.Sp800155Event)]
+    sp = [d for d in events if isinstance(d, tcg_event_data.Sp800155Event)]
     assert sp and sp[0].signature == "SP800-155 Event3"
     assert "firmware_version" in sp[0].strings
 
@@ -231,7 +231,7 @@ def test_spec_id_with_32bit_uintn(name):
     assert log.spec_id.uintn_size == 1 and log.uintn_size == 4
     # ...yet its image load events are laid out with 64-bit fields (decoded, not rejected).
     loads = [e for e in log.events if e.event_type == tcglog.EV_EFI_BOOT_SERVICES_APPLICATION]
-    assert loads and all(isinstance(_decoded(log, e), tcglog.ImageLoadEvent) for e in loads)
+    assert loads and all(isinstance(_decoded(log, e), tcg_event_data.ImageLoadEvent) for e in loads)
 
 
 @pytest.mark.parametrize("name", logs_with_feature("events with fewer digests than banks"))
@@ -251,7 +251,7 @@ def test_unknown_event_type_kept_raw(name):
     assert unknown
     for event in unknown:
         assert event.type_name.startswith("EV_UNKNOWN_")
-        described = tcglog.describe_event(event)
+        described = tcg_describe.describe_event(event)
         assert described["data"] is None and described["data_hex"] == event.data.hex()
 
 
@@ -317,7 +317,7 @@ def test_records_match_tpm2_eventlog(name):
             b: d for b, d in their_digests.items() if b in tcglog.BANK_DIGEST_SIZES}
         assert len(mine.data) == their["EventSize"]
         if isinstance(their.get("Event"), dict) and "LengthOfDevicePath" in their["Event"]:
-            image = tcglog.decode_event_data(mine, log.uintn_size, name)
+            image = tcg_event_data.decode_event_data(mine, log.uintn_size, name)
             assert len(image.raw_device_path) == their["Event"]["LengthOfDevicePath"]
             assert their["Event"]["DevicePath"].startswith(image.raw_device_path.hex())
 
@@ -367,7 +367,7 @@ def test_golden_boot_pcr4_chain(scenario):
         expected.append(boot["uki"]["linux_section"]["authenticode_sha256"])
     assert [e.digests["sha256"].hex() for e in apps] == expected
 
-    shim, uki = (tcglog.decode_event_data(e, log.uintn_size) for e in apps[:2])
+    shim, uki = (tcg_event_data.decode_event_data(e, log.uintn_size) for e in apps[:2])
     hd, shim_file = shim.device_path[-3], shim.device_path[-2]
     assert hd.partition_guid == uuid.UUID(boot["disk"]["esp_partition_guid"])
     assert (hd.start, hd.size) == (boot["disk"]["esp_first_lba"], boot["disk"]["esp_sectors"])
@@ -376,7 +376,7 @@ def test_golden_boot_pcr4_chain(scenario):
     # The path shim loaded (uki.shim_loads when shim fell back to its default grubx64.efi).
     assert uki.device_path[0].path == boot["uki"].get("shim_loads", boot["uki"]["esp_path"])
     if not boot["secure_boot"]:
-        kernel = tcglog.decode_event_data(apps[2], log.uintn_size)
+        kernel = tcg_event_data.decode_event_data(apps[2], log.uintn_size)
         assert kernel.raw_device_path == bytes.fromhex(
             "04031400f8d1c555cd04b5468a20e56cbb3052d07fff0400")
 
@@ -393,7 +393,7 @@ def test_golden_boot_pcr7_authorities(scenario):
     owner = uuid.UUID(boot["db_cert"]["owner_guid"])
     (db,) = (BOOTS_DIR / scenario / "efivars").glob("db-*")
     allowlist = "db" if der in db.read_bytes() else "MokListRT"
-    authorities = [tcglog.decode_event_data(e) for e in log.events
+    authorities = [tcg_event_data.decode_event_data(e) for e in log.events
                    if e.pcr == 7 and e.event_type == tcglog.EV_EFI_VARIABLE_AUTHORITY]
     assert any(v.name == allowlist and v.data == owner.bytes_le + der for v in authorities)
     assert any(v.name == "SbatLevel" and v.guid == SHIM_LOCK_GUID for v in authorities)

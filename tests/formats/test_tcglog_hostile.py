@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rhel_cvm_update.errors import FormatError
-from rhel_cvm_update.formats import tcglog
+from rhel_cvm_update.formats import tcg_describe, tcg_event_data, tcglog
 
 SHA1, SHA256 = 0x0004, 0x000B
 REPO = Path(__file__).resolve().parents[2]
@@ -158,7 +158,7 @@ def event_of(event_type, data):
 
 def decode_fails(event_type, data):
     with pytest.raises(FormatError) as e:
-        tcglog.decode_event_data(event_of(event_type, data), source="ev")
+        tcg_event_data.decode_event_data(event_of(event_type, data), source="ev")
     assert e.value.source == "ev" and e.value.offset is not None and e.value.offset >= 0x120
     return e.value
 
@@ -215,10 +215,10 @@ def parse_and_decode(buf: bytes) -> None:
         return
     for event in log.events:
         try:
-            tcglog.decode_event_data(event, log.uintn_size, "fuzz")
+            tcg_event_data.decode_event_data(event, log.uintn_size, "fuzz")
         except FormatError:
             pass
-        tcglog.describe_event(event, log.uintn_size, "fuzz")
+        tcg_describe.describe_event(event, log.uintn_size, "fuzz")
     tcglog.replay(log)
 
 
@@ -238,15 +238,15 @@ def test_random_records_after_a_valid_header(tail):
 
 
 @FUZZ
-@given(st.sampled_from(sorted(tcglog.EVENT_DATA_DECODERS)), st.binary(max_size=300),
+@given(st.sampled_from(sorted(tcg_event_data.EVENT_DATA_DECODERS)), st.binary(max_size=300),
        st.sampled_from([4, 8]))
 def test_random_event_data(event_type, data, uintn_size):
     event = event_of(event_type, data)
     try:
-        tcglog.decode_event_data(event, uintn_size, "fuzz")
+        tcg_event_data.decode_event_data(event, uintn_size, "fuzz")
     except FormatError:
         pass
-    tcglog.describe_event(event, uintn_size, "fuzz")
+    tcg_describe.describe_event(event, uintn_size, "fuzz")
 
 
 def small_real_logs():

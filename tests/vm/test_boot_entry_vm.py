@@ -23,7 +23,8 @@ from rhel_cvm_update.bootmgr import BootManager
 from rhel_cvm_update.formats.devpath import FilePathNode, HardDriveNode
 from rhel_cvm_update.formats.efi import EFI_GLOBAL_VARIABLE
 from rhel_cvm_update.formats.loadopt import LoadOption, parse_boot_next, parse_boot_order
-from rhel_cvm_update.formats.tcglog import ImageLoadEvent, decode_event_data, parse_event_log
+from rhel_cvm_update.formats.tcg_event_data import ImageLoadEvent, decode_event_data
+from rhel_cvm_update.formats.tcglog import parse_event_log
 from tests.bootfixtures import small_uki  # noqa: F401  (pytest fixture)
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
