@@ -25,7 +25,7 @@ GOAL_RSS_KIB = 64 * 1024
 # The child computing our digest: parse + hash through a read-only mmap, as `inspect` does.
 OUR_CHILD = """
 import mmap, sys
-from rhel_cvm_update.formats.pe import authenticode_digest
+from rhel_cvm_update.formats.authenticode import authenticode_digest
 with open(sys.argv[1], "rb") as f:
     m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     print(authenticode_digest(m, "sha256", sys.argv[1]).hex())

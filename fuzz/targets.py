@@ -18,10 +18,10 @@ from rhel_cvm_update.errors import CvmUpdateError
 
 
 def _pe(data: bytes) -> None:
-    from rhel_cvm_update.formats import pe, uki
+    from rhel_cvm_update.formats import authenticode, pe, uki
 
     image = pe.PEImage.parse(data, "fuzz")
-    pe.authenticode_digests(data, ("sha1", "sha256"), "fuzz", image=image)
+    authenticode.authenticode_digests(data, ("sha1", "sha256"), "fuzz", image=image)
     pe.certificates(data, image)
     uki.pe_sbat(data, image)
     uki.shim_sbat_levels(data, "fuzz", image)

@@ -10,7 +10,8 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 from rhel_cvm_update.boot_events import ImageMeasurement
 from rhel_cvm_update.errors import FormatError
-from rhel_cvm_update.formats.pe import PEImage, authenticode_digests, certificates, section_bytes
+from rhel_cvm_update.formats.authenticode import authenticode_digests
+from rhel_cvm_update.formats.pe import PEImage, certificates, section_bytes
 from rhel_cvm_update.formats.uki import UKI, is_uki, pe_sbat, shim_sbat_levels
 from rhel_cvm_update.signers import certificates_from_pkcs7
 
@@ -60,16 +61,15 @@ def shim_vendor_cert(raw: bytes, source: str = "<.vendor_cert>") -> Optional[byt
 def measure_image(path: str, banks: Sequence[str]) -> ImageMeasurement:
     with mapped_file(path) as buf:
         pe = PEImage.parse(buf, path)
-        authenticode = authenticode_digests(buf, banks, source=path, image=pe)
+        uki = UKI.from_pe(buf, pe) if is_uki(pe) else None
+        if uki is not None:
+            authenticode, linux = uki.authenticode_digests(banks)  # one pass over the file
+        else:
+            authenticode, linux = authenticode_digests(buf, banks, source=path, image=pe), None
         signatures = tuple(tuple(certificates_from_pkcs7(cert.data, source=f"{path} signature {n}"))
                            for n, cert in enumerate(certificates(buf, pe), 1)
                            if cert.certificate_type == WIN_CERT_TYPE_PKCS_SIGNED_DATA)
-        linux: Optional[Dict[str, bytes]] = None
-        kernel_version = None
-        if is_uki(pe):
-            uki = UKI.from_pe(buf, pe)
-            linux = uki.linux_authenticode_digests(banks)
-            kernel_version = uki.kernel_version
+        kernel_version = uki.kernel_version if uki is not None else None
         # shim's sections have long names (string table), e.g. "/26" in the header.
         vendor_section = pe.section_by_full_name(".vendor_cert")
         return ImageMeasurement(

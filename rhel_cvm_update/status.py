@@ -71,7 +71,7 @@ def _esp_shim_digest(config) -> Tuple[Optional[str], Optional[str]]:
     """(sha256 Authenticode of the shim on the ESP, None) or (None, why it cannot be read)."""
     # Only the digest: measure_image would also parse the signature (PKCS#7 through the
     # `cryptography` package, a third of status's start-up) for nothing.
-    from rhel_cvm_update.formats.pe import authenticode_digest
+    from rhel_cvm_update.formats.authenticode import authenticode_digest
     from rhel_cvm_update.measure import mapped_file
     from rhel_cvm_update.predict import shim_path
 

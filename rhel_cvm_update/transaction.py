@@ -134,7 +134,7 @@ class Machine:
     def digest(self, path: str) -> str:
         # The image digest only: measure_image would also hash the UKI's kernel and parse the
         # signature, which detect does not need, for every UKI on every update.
-        from rhel_cvm_update.formats.pe import authenticode_digest
+        from rhel_cvm_update.formats.authenticode import authenticode_digest
         from rhel_cvm_update.measure import mapped_file
 
         with mapped_file(path) as buf:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from rhel_cvm_update.commands.inspect import HASH_CHOICES
-from rhel_cvm_update.formats.pe import HASH_ALGORITHMS
+from rhel_cvm_update.formats.authenticode import HASH_ALGORITHMS
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("tpm2_pytss", "pyudev", "gi", "pydbus", "systemd", "cryptography")

@@ -7,7 +7,7 @@ memory.  The digests are the ones edk2 extends into PCR4 (see formats/pe.py).
 import argparse
 from typing import Dict, List
 
-# The PCR banks --hash accepts (formats.pe.HASH_ALGORITHMS; a test keeps them equal).  Named
+# The PCR banks --hash accepts (formats.authenticode.HASH_ALGORITHMS; a test keeps them equal).  Named
 # here because every command's parser is built on every start, and importing the PE code
 # for the choices would slow `status` down.
 HASH_CHOICES = ("sha1", "sha256", "sha384", "sha512")
@@ -27,11 +27,16 @@ def register(subparsers) -> None:
 
 
 def describe(buf, path: str, algorithms: List[str]) -> Dict[str, object]:
-    from rhel_cvm_update.formats.pe import PEImage, authenticode_digests
+    from rhel_cvm_update.formats.authenticode import authenticode_digests
+    from rhel_cvm_update.formats.pe import PEImage
     from rhel_cvm_update.formats.uki import UKI, is_uki, pe_sbat, shim_sbat_levels
 
     pe = PEImage.parse(buf, path)
-    digests = authenticode_digests(buf, algorithms, source=path, image=pe)
+    uki = UKI.from_pe(buf, pe) if is_uki(pe) else None
+    if uki is not None:
+        digests, linux = uki.authenticode_digests(algorithms)  # one pass over the file
+    else:
+        digests = authenticode_digests(buf, algorithms, source=path, image=pe)
     info: Dict[str, object] = {"file": path}
     info.update({f"authenticode_{name}": digest.hex() for name, digest in digests.items()})
     info["signed"] = pe.is_signed
@@ -43,10 +48,8 @@ def describe(buf, path: str, algorithms: List[str]) -> Dict[str, object]:
     levels = shim_sbat_levels(buf, path, pe)
     if levels:
         info["sbatlevel"] = levels
-    info["uki"] = is_uki(pe)
-    if info["uki"]:
-        uki = UKI.from_pe(buf, pe)
-        linux = uki.linux_authenticode_digests(algorithms)
+    info["uki"] = uki is not None
+    if uki is not None:
         info.update({f"linux_authenticode_{name}": digest.hex() for name, digest in linux.items()})
         version, origin = uki.kernel_version_with_origin()
         info["kernel_version"] = version

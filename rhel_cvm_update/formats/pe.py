@@ -1,16 +1,7 @@
-"""PE/COFF images: headers, sections, WIN_CERTIFICATE and the Authenticode digest.
+"""PE/COFF images: headers, sections and WIN_CERTIFICATE (the Authenticode digest: authenticode.py).
 
 Everything here works on a bytes-like buffer (normally a read-only ``mmap`` the caller
-opened) through ``memoryview`` slices, so a 100 MiB UKI is hashed without being copied.
-
-Two Authenticode variants exist and they are NOT interchangeable:
-
-* ``authenticode_digests`` is the digest edk2's ``MeasurePeImageAndExtend``
-  (SecurityPkg/Library/DxeTpm2MeasureBootLib/Tcg2MeasurePeImage, Tcg2Dxe's PE_COFF_IMAGE
-  path) extends into PCR4.  That is the value to predict.
-* ``shim_authenticode_digest`` is shim's ``generate_hash`` (pe.c), used for Secure Boot
-  allowlist decisions and the TPM 1.2 path.  It differs from edk2's only for unsigned images
-  whose trailing data is not 8-byte aligned (see measured-boot-reference.md, 1.3).
+opened) through ``memoryview`` slices, so a 100 MiB UKI is read without being copied.
 
 Header validation follows the checks edk2's ``PeCoffLoaderGetPeHeader``
 (MdePkg/Library/BasePeCoffLib/BasePeCoff.c) applies before it measures or loads anything:
@@ -23,10 +14,8 @@ working) while guessing could seal the disk to a wrong value.
 """
 
 import dataclasses
-import hashlib
-import mmap
 import struct
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from rhel_cvm_update.errors import FormatError, UnsupportedError
 
@@ -55,10 +44,6 @@ _OPT_CHECKSUM = 64
 _OPT_NUMBER_OF_RVA_AND_SIZES = {IMAGE_NT_OPTIONAL_HDR32_MAGIC: 92, IMAGE_NT_OPTIONAL_HDR64_MAGIC: 108}
 _OPT_DATA_DIRECTORY = {IMAGE_NT_OPTIONAL_HDR32_MAGIC: 96, IMAGE_NT_OPTIONAL_HDR64_MAGIC: 112}
 
-HASH_ALGORITHMS = ("sha1", "sha256", "sha384", "sha512")
-
-# Hash in slices of this size so a memory-mapped file can drop the pages already hashed.
-_HASH_CHUNK = 4 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,10 +137,11 @@ class PEImage:
 
     @classmethod
     def parse(cls, buf, source: str = "<bytes>") -> "PEImage":
-        return _parse_pe(_view(buf), source)
+        return _parse_pe(byte_view(buf), source)
 
 
-def _view(buf) -> memoryview:
+def byte_view(buf) -> memoryview:
+    """A flat unsigned-byte view of any bytes-like buffer (an mmap, bytes, a memoryview)."""
     view = memoryview(buf)
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
@@ -312,165 +298,9 @@ def _parse_pe(view: memoryview, source: str) -> PEImage:
         section_table_offset=section_table, sections=sections)
 
 
-def _check_algorithms(algorithms: Iterable[str]) -> Tuple[str, ...]:
-    names = tuple(algorithms)
-    unknown = [a for a in names if a not in HASH_ALGORITHMS]
-    if unknown or not names:
-        raise UnsupportedError(f"hash algorithm(s) {unknown or names!r}; known: {', '.join(HASH_ALGORITHMS)}")
-    return names
-
-
-class _MultiHash:
-    """Feeds ranges of one buffer to several hash objects in a single pass.
-
-    For an ``mmap`` the pages already hashed are dropped (MADV_DONTNEED; the mapping is
-    read-only and file-backed, so a later touch simply faults them back in): peak RSS stays
-    near one chunk instead of growing to the file size.
-    """
-
-    def __init__(self, view: memoryview, algorithms: Sequence[str], mapping=None):
-        self.view = view
-        self.hashes = {name: hashlib.new(name) for name in algorithms}
-        self.updates = list(h.update for h in self.hashes.values())
-        self.mapping = mapping if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED") else None
-
-    def feed(self, start: int, end: int) -> None:
-        updates = self.updates
-        for chunk_start in range(start, end, _HASH_CHUNK):
-            chunk_end = min(chunk_start + _HASH_CHUNK, end)
-            piece = self.view[chunk_start:chunk_end]
-            for update in updates:
-                update(piece)
-            if self.mapping is not None:
-                page_start = chunk_start - chunk_start % mmap.PAGESIZE
-                self.mapping.madvise(mmap.MADV_DONTNEED, page_start, chunk_end - page_start)
-
-    def feed_bytes(self, data: bytes) -> None:
-        for update in self.updates:
-            update(data)
-
-    def digests(self) -> Dict[str, bytes]:
-        return {name: h.digest() for name, h in self.hashes.items()}
-
-
-def _hash_headers(hasher: _MultiHash, image: PEImage, assume_security_directory: bool) -> None:
-    # 1. Everything before CheckSum; 2. after CheckSum up to the certificate directory entry,
-    # skip its 8 bytes, then the rest of the headers as SizeOfHeaders states them.
-    hasher.feed(0, image.checksum_offset)
-    after_checksum = image.checksum_offset + 4
-    if image.has_security_directory or assume_security_directory:
-        dd = image.security_directory_offset
-        hasher.feed(after_checksum, dd)
-        hasher.feed(dd + 8, image.size_of_headers)
-    else:
-        hasher.feed(after_checksum, image.size_of_headers)
-
-
-def _sections_by_file_offset(image: PEImage) -> List[PESection]:
-    # Python's sort is stable, like edk2's insertion sort: ties keep their table order.
-    return sorted(image.sections, key=lambda s: s.pointer_to_raw_data)
-
-
-def authenticode_digests(buf, algorithms: Iterable[str] = ("sha256",), source: str = "<bytes>",
-                         image: Optional[PEImage] = None) -> Dict[str, bytes]:
-    """The PE/COFF image digest exactly as edk2's MeasurePeImageAndExtend computes it.
-
-    - sections sorted by PointerToRawData (stable), SizeOfRawData == 0 skipped, VirtualSize
-      never used, overlapping sections hashed twice;
-    - ``sum`` = SizeOfHeaders + the SizeOfRawData of every hashed section, used as the file
-      offset where trailing data starts even when there are gaps or overlaps;
-    - trailing data ``[sum, filesize - CertificateTable.Size)`` hashed without padding;
-      only the certificate table's Size matters, its offset is ignored;
-    - edk2 refuses to measure when filesize < sum + CertificateTable.Size.
-    """
-    names = _check_algorithms(algorithms)
-    view = _view(buf)
-    if image is None:
-        image = _parse_pe(view, source)
-    hasher = _MultiHash(view, names, buf)
-    _hash_headers(hasher, image, assume_security_directory=False)
-    hashed_sum = image.size_of_headers
-    for s in _sections_by_file_offset(image):
-        if s.size_of_raw_data == 0:
-            continue
-        hasher.feed(s.pointer_to_raw_data, s.pointer_to_raw_data + s.size_of_raw_data)
-        hashed_sum += s.size_of_raw_data
-    size = len(view)
-    if size > hashed_sum:
-        cert_size = image.certificate_table[1]
-        if size > hashed_sum + cert_size:
-            hasher.feed(hashed_sum, size - cert_size)
-        elif size < hashed_sum + cert_size:
-            raise FormatError(f"headers + sections ({hashed_sum:#x} bytes) + certificate table "
-                              f"({cert_size:#x}) exceed the {size}-byte file; edk2 refuses to "
-                              f"measure it", source=source, offset=hashed_sum,
-                              field="DataDirectory[SECURITY]")
-    return hasher.digests()
-
-
-def authenticode_digest(buf, algorithm: str = "sha256", source: str = "<bytes>") -> bytes:
-    return authenticode_digests(buf, (algorithm,), source=source)[algorithm]
-
-
-SHIM_HASH_VERSIONS = ("15.6", "15.7", "15.8", "16.0", "16.1")
-
-
-def shim_authenticode_digest(buf, algorithm: str = "sha256", shim_version: str = "16.1",
-                             source: str = "<bytes>") -> bytes:
-    """shim's own ``generate_hash`` (pe.c) -- NOT the value in PCR4.
-
-    shim uses it to match db/MokList hashes and on TPM 1.2.  Differences from edk2:
-    a signed image must have its certificate table exactly at ``sum + trailing``
-    (else shim errors); unsigned trailing data is not hashed at all up to 16.0, and hashed
-    then zero-padded to a multiple of 8 from 16.1 (shim commit fb77b445).
-    """
-    if shim_version not in SHIM_HASH_VERSIONS:
-        raise UnsupportedError(f"shim {shim_version!r}: generate_hash is modelled for "
-                               f"{', '.join(SHIM_HASH_VERSIONS)}")
-    names = _check_algorithms((algorithm,))
-    view = _view(buf)
-    image = _parse_pe(view, source)
-    if not image.has_security_directory:
-        # shim's read_header points SecDir at DataDirectory[4] regardless; with fewer
-        # directories that is section-table data.  Not a layout worth predicting.
-        raise UnsupportedError(f"{source}: image has no security directory; shim's hash of it "
-                               f"is not modelled")
-    size = len(view)
-    hasher = _MultiHash(view, names, buf)
-    _hash_headers(hasher, image, assume_security_directory=True)
-    hashed_sum = image.size_of_headers
-    section_bytes_total = 0
-    for s in image.sections:
-        if s.size_of_raw_data > size - image.size_of_headers - section_bytes_total:
-            raise FormatError("headers + sections exceed the file (shim: 'Malformed section size')",
-                              source=source, offset=s.header_offset + 16, field="SizeOfRawData")
-        section_bytes_total += s.size_of_raw_data
-    for s in _sections_by_file_offset(image):
-        if s.size_of_raw_data == 0:
-            continue
-        hasher.feed(s.pointer_to_raw_data, s.pointer_to_raw_data + s.size_of_raw_data)
-        hashed_sum += s.size_of_raw_data
-    cert_offset, cert_size = image.certificate_table
-    if size > hashed_sum and cert_size:
-        trailing = size - cert_size - hashed_sum
-        if size - hashed_sum < cert_size or hashed_sum + trailing != cert_offset:
-            raise FormatError("data between the sections and the certificate table does not end "
-                              "where the table starts (shim: 'Malformed binary after Attribute "
-                              "Certificate Table')", source=source, offset=hashed_sum,
-                              field="DataDirectory[SECURITY]")
-        hasher.feed(hashed_sum, hashed_sum + trailing)
-        hashed_sum += trailing
-    if size > hashed_sum + cert_size and shim_version == "16.1":
-        hasher.feed(hashed_sum, size)
-        padding = -size % 8
-        if padding:
-            hasher.feed_bytes(bytes(padding))
-    return hasher.digests()[algorithm]
-
-
 def section_bytes(buf, section: PESection) -> memoryview:
     """The section's raw file data (SizeOfRawData bytes), without copying."""
-    view = _view(buf)
+    view = byte_view(buf)
     if section.size_of_raw_data == 0:
         # No file data: edk2's loader reads nothing and never looks at PointerToRawData,
         # which _parse_pe therefore does not check either.
@@ -512,7 +342,7 @@ def loaded_section(buf, section: PESection) -> bytes:
 
 def certificates(buf, image: PEImage) -> List[WinCertificate]:
     """The WIN_CERTIFICATE entries of the attribute certificate table, each 8-byte aligned."""
-    view = _view(buf)
+    view = byte_view(buf)
     offset, size = image.certificate_table
     end = offset + size
     entries: List[WinCertificate] = []

@@ -16,9 +16,8 @@ import struct
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from rhel_cvm_update.errors import FormatError, UnsupportedError
-from rhel_cvm_update.formats.pe import (
-    PEImage, PESection, authenticode_digests, loaded_section, section_bytes,
-)
+from rhel_cvm_update.formats.authenticode import authenticode_digests, nested_authenticode_digests
+from rhel_cvm_update.formats.pe import PEImage, PESection, loaded_section, section_bytes
 
 # Sections systemd-stub looks up by name (252-257).  Two sections with one of these names
 # make the stub's choice version-dependent (252 takes the last, 254+ the first): refused.
@@ -134,10 +133,24 @@ class UKI:
 
     def linux_authenticode_digests(self, algorithms: Iterable[str] = ("sha256",)) -> Dict[str, bytes]:
         """edk2's Authenticode of linux_payload(), the kernel event in PCR4 (reference 2.3)."""
+        return self.authenticode_digests(algorithms, with_image=False)[1]
+
+    def authenticode_digests(self, algorithms: Iterable[str] = ("sha256",),
+                             with_image: bool = True) -> Tuple[Optional[Dict[str, bytes]], Dict[str, bytes]]:
+        """(edk2's Authenticode of the UKI itself, of its kernel): the two PCR4 events of the
+        UKI.  Usually VirtualSize <= SizeOfRawData, so the kernel is a slice of the file and
+        both are hashed in one pass; else the kernel is the zero-filled loaded copy."""
+        source = f"{self.source}:.linux"
         raw = section_bytes(self.buf, self.linux)
-        # Usually VirtualSize <= SizeOfRawData: hash a view of the file instead of a copy.
-        payload = raw[:self.linux.virtual_size] if self.linux.virtual_size <= len(raw) else self.linux_payload()
-        return authenticode_digests(payload, algorithms, source=f"{self.source}:.linux")
+        if self.linux.virtual_size <= len(raw):
+            if with_image and raw:
+                start = self.linux.pointer_to_raw_data
+                return nested_authenticode_digests(self.buf, self.pe, (start, start + self.linux.virtual_size),
+                                                   algorithms, self.source, source)
+            kernel = authenticode_digests(raw[:self.linux.virtual_size], algorithms, source=source)
+            return (authenticode_digests(self.buf, algorithms, self.source, self.pe) if with_image else None), kernel
+        image = authenticode_digests(self.buf, algorithms, self.source, self.pe) if with_image else None
+        return image, authenticode_digests(self.linux_payload(), algorithms, source=source)
 
     @property
     def cmdline(self) -> Optional[str]:

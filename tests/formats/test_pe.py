@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rhel_cvm_update.errors import FormatError, UnsupportedError
-from rhel_cvm_update.formats import pe
+from rhel_cvm_update.formats import authenticode, pe
 from tests.pebuild import (
     CODE, Section, build_pe, pesign_hash, sbsign_digest, win_certificate,
 )
@@ -90,7 +90,7 @@ def test_real_binaries_match_pesign(path, algorithm):
     need_tools("pesign")
     need_file(path)
     with mapped(path) as m:
-        ours = pe.authenticode_digests(m, ("sha1", "sha256"), source=path)[algorithm]
+        ours = authenticode.authenticode_digests(m, ("sha1", "sha256"), source=path)[algorithm]
     assert ours == pesign_hash(path, algorithm)
 
 
@@ -102,7 +102,7 @@ def test_debian_signed_shim_digest_equals_unsigned_one_padded(name):
     unsigned = need_file(f"/usr/lib/shim/{name}")
     signed = need_file(f"/usr/lib/shim/{name}.signed")
     with mapped(unsigned) as m:
-        assert pe.shim_authenticode_digest(m, "sha256", "16.1") == pesign_hash(signed)
+        assert authenticode.shim_authenticode_digest(m, "sha256", "16.1") == pesign_hash(signed)
 
 
 @pytest.mark.parametrize("path", ["/usr/lib/shim/shimx64.efi", "/usr/lib/shim/mmx64.efi",
@@ -129,9 +129,9 @@ def test_unaligned_trailing_data_edk2_and_shim_disagree(path, tmp_path, signing_
     cut = tmp_path / "cut.efi"
     cut.write_bytes(data[:hashed])
     with mapped(source) as m:
-        edk2 = pe.authenticode_digest(m)
-        shim161 = pe.shim_authenticode_digest(m, "sha256", "16.1")
-        shim160 = pe.shim_authenticode_digest(m, "sha256", "16.0")
+        edk2 = authenticode.authenticode_digest(m)
+        shim161 = authenticode.shim_authenticode_digest(m, "sha256", "16.1")
+        shim160 = authenticode.shim_authenticode_digest(m, "sha256", "16.0")
     assert edk2 == pesign_hash(source)
     assert shim161 == pesign_hash(padded) == sbsign_digest(source, *signing_key, tmp_path)
     assert shim160 == pesign_hash(cut)
@@ -215,7 +215,7 @@ def test_synthetic_layouts_match_pesign(name, algorithm, tmp_path):
     data = build_pe(**IN_ORDER_LAYOUTS[name])
     path = tmp_path / f"{name}.efi"
     path.write_bytes(data)
-    assert pe.authenticode_digests(data, ("sha1", "sha256"))[algorithm] == pesign_hash(path, algorithm)
+    assert authenticode.authenticode_digests(data, ("sha1", "sha256"))[algorithm] == pesign_hash(path, algorithm)
 
 
 SBSIGN_LAYOUTS = {
@@ -239,7 +239,7 @@ def test_layouts_pesign_cannot_hash_match_sbsign(name, tmp_path, signing_key):
     data = build_pe(**SBSIGN_LAYOUTS[name])
     path = tmp_path / f"{name}.efi"
     path.write_bytes(data)
-    assert pe.authenticode_digest(data) == sbsign_digest(path, *signing_key, tmp_path)
+    assert authenticode.authenticode_digest(data) == sbsign_digest(path, *signing_key, tmp_path)
 
 
 @pytest.mark.parametrize("pe32_plus", [True, False])
@@ -251,15 +251,15 @@ def test_no_security_directory(pe32_plus, directories):
                             number_of_rva_and_sizes=directories, trailing=b"abc", with_layout=True)
     image = pe.PEImage.parse(data)
     assert image.certificate_table == (0, 0) and not image.has_security_directory
-    assert pe.authenticode_digest(data) == reference_authenticode(data, "sha256", layout)
+    assert authenticode.authenticode_digest(data) == reference_authenticode(data, "sha256", layout)
 
 
 @pytest.mark.parametrize("name", ["pe32plus-basic", "overlapping-sections", "signed", "pe32-signed"])
 def test_all_banks_in_one_pass(name):
     """sha384/sha512 banks: pesign has no such digests, so the naive re-implementation."""
     data, layout = build_pe(with_layout=True, **IN_ORDER_LAYOUTS[name])
-    digests = pe.authenticode_digests(data, pe.HASH_ALGORITHMS)
-    for algorithm in pe.HASH_ALGORITHMS:
+    digests = authenticode.authenticode_digests(data, authenticode.HASH_ALGORITHMS)
+    for algorithm in authenticode.HASH_ALGORITHMS:
         assert digests[algorithm] == reference_authenticode(data, algorithm, layout)
 
 
@@ -268,7 +268,7 @@ def test_sum_plus_certificate_past_end_is_refused():
     data = build_pe([_text(), Section(b".data", b"x", pointer_to_raw_data=0x400, size_of_raw_data=0x400)],
                     certificates=[win_certificate(b"c" * 0x500)])
     with pytest.raises(FormatError) as e:
-        pe.authenticode_digest(data, source="overlap.efi")
+        authenticode.authenticode_digest(data, source="overlap.efi")
     assert e.value.source == "overlap.efi" and e.value.offset is not None
 
 
@@ -281,9 +281,9 @@ def test_shim_variants_on_synthetic_unaligned_image(tmp_path):
     padded.write_bytes(data + bytes(-len(data) % 8))
     cut = tmp_path / "cut.efi"
     cut.write_bytes(data[:len(data) - 5])
-    assert pe.shim_authenticode_digest(data, shim_version="16.1") == pesign_hash(padded)
-    assert pe.shim_authenticode_digest(data, shim_version="15.8") == pesign_hash(cut)
-    assert pe.authenticode_digest(data) not in (pesign_hash(padded), pesign_hash(cut))
+    assert authenticode.shim_authenticode_digest(data, shim_version="16.1") == pesign_hash(padded)
+    assert authenticode.shim_authenticode_digest(data, shim_version="15.8") == pesign_hash(cut)
+    assert authenticode.authenticode_digest(data) not in (pesign_hash(padded), pesign_hash(cut))
 
 
 def test_shim_and_edk2_agree_on_normally_signed_image(tmp_path, signing_key):
@@ -295,9 +295,9 @@ def test_shim_and_edk2_agree_on_normally_signed_image(tmp_path, signing_key):
                     "--output", str(signed), str(path)], check=True, stdout=subprocess.PIPE,
                    stderr=subprocess.PIPE)
     data = signed.read_bytes()
-    edk2 = pe.authenticode_digest(data)
-    assert edk2 == pe.shim_authenticode_digest(data, shim_version="16.1") == \
-        pe.shim_authenticode_digest(data, shim_version="16.0")
+    edk2 = authenticode.authenticode_digest(data)
+    assert edk2 == authenticode.shim_authenticode_digest(data, shim_version="16.1") == \
+        authenticode.shim_authenticode_digest(data, shim_version="16.0")
 
 
 def test_shim_refuses_data_between_sections_and_certificate_table():
@@ -308,21 +308,21 @@ def test_shim_refuses_data_between_sections_and_certificate_table():
     offset, size = image.certificate_table
     moved = bytearray(data)
     struct.pack_into("<II", moved, image.security_directory_offset, offset - 8, size)
-    pe.authenticode_digest(bytes(moved))
+    authenticode.authenticode_digest(bytes(moved))
     with pytest.raises(FormatError):
-        pe.shim_authenticode_digest(bytes(moved))
+        authenticode.shim_authenticode_digest(bytes(moved))
 
 
 def test_shim_variant_rejects_unknown_version_and_missing_directory():
     with pytest.raises(UnsupportedError):
-        pe.shim_authenticode_digest(build_pe([_text()]), shim_version="17.0")
+        authenticode.shim_authenticode_digest(build_pe([_text()]), shim_version="17.0")
     with pytest.raises(UnsupportedError):
-        pe.shim_authenticode_digest(build_pe([_text()], number_of_rva_and_sizes=4))
+        authenticode.shim_authenticode_digest(build_pe([_text()], number_of_rva_and_sizes=4))
 
 
 def test_unknown_algorithm_is_unsupported():
     with pytest.raises(UnsupportedError):
-        pe.authenticode_digests(build_pe([_text()]), ("md5",))
+        authenticode.authenticode_digests(build_pe([_text()]), ("md5",))
 
 
 # --- headers, sections, certificates ---------------------------------------------------------
@@ -380,9 +380,9 @@ def test_certificate_entry_with_bad_length_is_refused(bad_length):
 
 def test_buffers_of_any_kind():
     data = build_pe([_text()], trailing=b"abc")
-    expected = pe.authenticode_digest(data)
-    assert pe.authenticode_digest(bytearray(data)) == expected
-    assert pe.authenticode_digest(memoryview(data)) == expected
+    expected = authenticode.authenticode_digest(data)
+    assert authenticode.authenticode_digest(bytearray(data)) == expected
+    assert authenticode.authenticode_digest(memoryview(data)) == expected
 
 
 def test_streams_a_large_sparse_file_through_mmap(tmp_path):
@@ -399,7 +399,7 @@ def test_streams_a_large_sparse_file_through_mmap(tmp_path):
         f.truncate(size)
     with mapped(path) as m:
         tracemalloc.start()
-        digest = pe.authenticode_digest(m, source=str(path))
+        digest = authenticode.authenticode_digest(m, source=str(path))
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         assert peak < 256 * 1024
@@ -451,8 +451,35 @@ def test_ovmf_measured_the_shim_with_our_digest(name):
     banks, events = pcr4_application_events(name)
     with mapped(shim) as m:
         image = pe.PEImage.parse(m, str(shim))
-        ours = pe.authenticode_digests(m, banks)
-        padded = pe.shim_authenticode_digest(m, "sha256", "16.1")
+        ours = authenticode.authenticode_digests(m, banks)
+        padded = authenticode.shim_authenticode_digest(m, "sha256", "16.1")
     assert events[0].digests == ours
     if image.file_size % 8 and not image.is_signed:
         assert padded != ours["sha256"]
+
+
+@pytest.mark.parametrize("name", sorted(IN_ORDER_LAYOUTS))
+def test_nested_digests_follow_the_outer_pass_or_hash_apart(name, monkeypatch):
+    """An image embedded in another (as a kernel in a UKI) is hashed from the slices the outer
+    pass reads while its hash order is file order; when its next bytes went by already (here
+    the gap-after-headers layout hashes .text before the headers' tail: with 512-byte slices
+    that is a slice back) it gets a pass of its own.  The digests equal separate passes."""
+    monkeypatch.setattr(authenticode, "_HASH_CHUNK", 512)
+    inner = build_pe(**IN_ORDER_LAYOUTS[name])
+    outer = build_pe([_text(), Section(b".linux", inner)])
+    image = pe.PEImage.parse(outer, "outer")
+    start = image.section(".linux").pointer_to_raw_data
+    plan = authenticode.edk2_plan(pe.PEImage.parse(inner, "inner"), len(inner), "inner")
+    in_file_order = all(a[1] <= b[0] for a, b in zip(plan.ranges, plan.ranges[1:]))
+    apart = []
+    real = authenticode.digests_of_plan
+    monkeypatch.setattr(authenticode, "digests_of_plan", lambda *a: apart.append(a) or real(*a))
+    digests, nested = authenticode.nested_authenticode_digests(outer, image, (start, start + len(inner)),
+                                                               authenticode.HASH_ALGORITHMS, "outer", "inner")
+    monkeypatch.setattr(authenticode, "digests_of_plan", real)
+    assert digests == authenticode.authenticode_digests(outer, authenticode.HASH_ALGORITHMS)
+    assert nested == authenticode.authenticode_digests(inner, authenticode.HASH_ALGORITHMS)
+    if in_file_order:
+        assert apart == [], name
+    if name == "gap-after-headers":
+        assert not in_file_order and len(apart) == 1

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from rhel_cvm_update.errors import FormatError, UnsupportedError
-from rhel_cvm_update.formats import pe, uki
+from rhel_cvm_update.formats import authenticode, pe, uki
 from tests.pebuild import CODE, Section, build_pe, win_certificate
 
 SOURCE = "hostile.efi"
@@ -22,7 +22,7 @@ def good_image(pe32_plus=True):
 
 def refused(data, field=None):
     with pytest.raises(FormatError) as e:
-        pe.authenticode_digests(data, pe.HASH_ALGORITHMS, source=SOURCE)
+        authenticode.authenticode_digests(data, authenticode.HASH_ALGORITHMS, source=SOURCE)
     assert e.value.source == SOURCE
     assert e.value.offset is not None
     assert SOURCE in str(e.value)
@@ -50,7 +50,7 @@ def boundaries(layout, size):
 @pytest.mark.parametrize("pe32_plus", [True, False])
 def test_truncated_at_every_header_boundary(pe32_plus):
     data, layout = good_image(pe32_plus)
-    pe.authenticode_digest(data)  # the untruncated image is fine
+    authenticode.authenticode_digest(data)  # the untruncated image is fine
     for cut in boundaries(layout, len(data)):
         error = refused(data[:cut])
         assert 0 <= error.offset <= len(data)
@@ -187,7 +187,7 @@ def exercise(data):
     """Everything a caller may do with untrusted bytes; only our errors may escape."""
     try:
         image = pe.PEImage.parse(data, SOURCE)
-        pe.authenticode_digests(data, ("sha1", "sha256"), SOURCE)
+        authenticode.authenticode_digests(data, ("sha1", "sha256"), SOURCE)
         pe.certificates(data, image)
         for section in image.sections:
             pe.loaded_section(data, section)
@@ -195,7 +195,7 @@ def exercise(data):
             u = uki.UKI.from_pe(data, image)
             (u.cmdline, u.osrel, u.uname, u.sbat, u.kernel_version)
         uki.shim_sbat_levels(data, SOURCE, image)
-        pe.shim_authenticode_digest(data, source=SOURCE)
+        authenticode.shim_authenticode_digest(data, source=SOURCE)
     except FormatError as e:
         assert e.source.startswith(SOURCE)
     except UnsupportedError:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rhel_cvm_update.errors import FormatError, UnsupportedError
-from rhel_cvm_update.formats import pe, uki
+from rhel_cvm_update.formats import authenticode, pe, uki
 from tests import realbins
 from tests.pebuild import CODE, Section, build_pe, pesign_hash
 
@@ -65,7 +65,7 @@ def objdump_section(path, name):
 def test_real_uki_digest_matches_pesign(built):
     for name in ("plain", "named", "signed"):
         with mapped(built[name]) as m:
-            assert pe.authenticode_digest(m) == pesign_hash(built[name]), name
+            assert authenticode.authenticode_digest(m) == pesign_hash(built[name]), name
 
 
 def test_signing_changes_the_digest_of_an_unaligned_uki(built):
@@ -74,9 +74,9 @@ def test_signing_changes_the_digest_of_an_unaligned_uki(built):
     is shim 16.1's padded digest of the unsigned one, not edk2's (reference 1.3)."""
     plain = built["plain"].read_bytes()
     assert len(plain) % 8, "realbins UKIs are expected to end unaligned"
-    signed = pe.authenticode_digest(built["signed"].read_bytes())
-    assert signed == pe.shim_authenticode_digest(plain, shim_version="16.1")
-    assert signed != pe.authenticode_digest(plain)
+    signed = authenticode.authenticode_digest(built["signed"].read_bytes())
+    assert signed == authenticode.shim_authenticode_digest(plain, shim_version="16.1")
+    assert signed != authenticode.authenticode_digest(plain)
 
 
 def test_signed_uki_certificate_matches_sbattach(built):
@@ -301,3 +301,21 @@ def test_ovmf_measured_the_kernel_with_our_linux_digest(name, tmp_path):
                       Section(b".linux", vmlinuz, virtual_size=boot["uki"]["linux_section"]["virtual_size"])])
     ours = uki.UKI.parse(image, name).linux_authenticode_digests(log.banks)
     assert events[2].digests == ours
+
+
+def test_one_pass_gives_the_uki_and_kernel_digests_pesign_gives(built, tmp_path):
+    """``UKI.authenticode_digests`` hashes the file once, feeding the kernel's ranges from the
+    same slices: both digests equal pesign's of the UKI and of the extracted .linux."""
+    need_tools("pesign", "objcopy")
+    for name in ("plain", "signed"):
+        kernel = realbins.extract_section(built[name], ".linux", tmp_path / f"{name}-linux.efi")
+        with open(built[name], "rb") as f:
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            image = pe.PEImage.parse(m, name)
+            outer, inner = uki.UKI.from_pe(m, image).authenticode_digests(authenticode.HASH_ALGORITHMS)
+            assert outer["sha256"] == pesign_hash(built[name]), name
+            assert inner["sha256"] == pesign_hash(kernel), name
+            for algorithm in authenticode.HASH_ALGORITHMS:  # and the separate passes agree
+                assert outer[algorithm] == authenticode.authenticode_digests(m, (algorithm,))[algorithm]
+                assert inner[algorithm] == authenticode.authenticode_digests(kernel.read_bytes(), (algorithm,))[algorithm]
+
