@@ -8,6 +8,7 @@ as the parser default.  Modules import heavy dependencies (tpm2_pytss, pyudev) i
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -33,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    # libtss2 logs every failed connect or command to stderr (WARNING:tcti:..., ERROR:esys:...)
+    # before the exception adapters/tpm.py turns into one error line.  Silenced unless the
+    # admin asks for them (TSS2_LOG=all+WARNING, rhel-cvm-update(8)); set before the library
+    # loads, since each libtss2 module reads TSS2_LOG once, at its first message.
+    os.environ.setdefault("TSS2_LOG", "all+NONE")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

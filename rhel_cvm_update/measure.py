@@ -1,15 +1,15 @@
 """Read boot images and Secure Boot state from the machine into measurement inputs.
 
-Files are memory-mapped read-only: a 100 MiB UKI is hashed without being read into memory.
+Files are memory-mapped read-only (mapped.py): a 100 MiB UKI is hashed without being read
+into memory.
 """
 
-import contextlib
-import mmap
 import struct
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from rhel_cvm_update.boot_events import ImageMeasurement
 from rhel_cvm_update.errors import FormatError
+from rhel_cvm_update.mapped import mapped_file
 from rhel_cvm_update.formats.authenticode import authenticode_digests
 from rhel_cvm_update.formats.pe import PEImage, certificates, section_bytes
 from rhel_cvm_update.formats.uki import UKI, is_uki, pe_sbat, shim_sbat_levels
@@ -19,26 +19,6 @@ WIN_CERT_TYPE_PKCS_SIGNED_DATA = 0x0002
 # Variables next boot's PCR7 depends on (the model reads them; the log source compares them).
 POLICY_VARIABLE_NAMES = ("SecureBoot", "PK", "KEK", "db", "dbx", "dbt", "SbatLevelRT", "SbatPolicy",
                          "MokSBStateRT", "MokListRT", "MokListXRT")
-
-
-@contextlib.contextmanager
-def mapped_file(path: str) -> Iterator[mmap.mmap]:
-    try:
-        with open(path, "rb") as f:
-            try:
-                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except ValueError:  # mmap refuses empty files
-                raise FormatError("empty file", source=path, offset=0) from None
-    except OSError as e:
-        raise FormatError(f"cannot read: {e.strerror}", source=path) from None
-    try:
-        yield mapping
-    finally:
-        try:
-            mapping.close()
-        except BufferError:
-            # A traceback still holds views of the mapping; it is unmapped when they go.
-            pass
 
 
 def shim_vendor_cert(raw: bytes, source: str = "<.vendor_cert>") -> Optional[bytes]:

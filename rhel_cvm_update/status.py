@@ -72,7 +72,7 @@ def _esp_shim_digest(config) -> Tuple[Optional[str], Optional[str]]:
     # Only the digest: measure_image would also parse the signature (PKCS#7 through the
     # `cryptography` package, a third of status's start-up) for nothing.
     from rhel_cvm_update.formats.authenticode import authenticode_digest
-    from rhel_cvm_update.measure import mapped_file
+    from rhel_cvm_update.mapped import mapped_file
     from rhel_cvm_update.predict import shim_path
 
     try:

@@ -6,6 +6,7 @@
   pydbus, pyudev, systemd-python or GObject;
 - ``commands/`` parse options and print: they reach the machine only through the
   orchestrating modules (transaction, reseal, bootmgr, status, predict), never an adapter;
+- no module grows past what one reads in a sitting (about 450 lines).
 """
 
 import ast
@@ -13,8 +14,11 @@ import sys
 from pathlib import Path
 from typing import Iterator, Tuple
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "rhel_cvm_update"
 MACHINE_MODULES = ("subprocess", "tpm2_pytss", "pydbus", "pyudev", "systemd", "gi")
+MAX_LINES = 460
 
 
 def modules():
@@ -81,6 +85,12 @@ def test_adapters_do_not_import_the_orchestration():
                "rhel_cvm_update.adapters", "rhel_cvm_update.trust")
     assert violations(lambda path, module: layer(path) == "adapters" and top(module) == "rhel_cvm_update"
                       and not module.startswith(allowed)) == []
+
+
+@pytest.mark.parametrize("path", modules(), ids=name)
+def test_module_size(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_LINES, f"{name(path)} has {lines} lines; split it along a seam"
 
 
 def test_the_rules_see_a_violation(tmp_path):

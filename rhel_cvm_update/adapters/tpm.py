@@ -17,12 +17,6 @@ from rhel_cvm_update.formats import tpm_policy
 from rhel_cvm_update.formats.luks_token import SystemdTpm2Token, Tpm2ImportToken
 from rhel_cvm_update.secrets import Secret
 
-# libtss2 logs every failed connect or command to stderr (WARNING:tcti:..., ERROR:esys:...)
-# before the exception that this adapter turns into one error line.  Silenced unless the
-# admin asks for them (TSS2_LOG=all+WARNING, rhel-cvm-update(8)).  Set before the library
-# loads: each libtss2 module reads TSS2_LOG once, at its first message.
-os.environ.setdefault("TSS2_LOG", "all+NONE")
-
 try:
     from tpm2_pytss import ESAPI, TSS2_Exception
     from tpm2_pytss._libtpm2_pytss import ffi

@@ -79,7 +79,7 @@ def _print_text(info: Dict[str, object]) -> None:
 
 
 def run(args: argparse.Namespace, config) -> int:
-    from rhel_cvm_update.measure import mapped_file
+    from rhel_cvm_update.mapped import mapped_file
     from rhel_cvm_update.output import print_json
 
     algorithms = list(dict.fromkeys(args.algorithms or ["sha256"]))
