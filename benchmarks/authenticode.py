@@ -1,25 +1,30 @@
-"""Authenticode of a ~100 MiB UKI: this tool vs ``sha256sum`` of the same file vs ``pesign -h``.
+"""Authenticode of a ~100 MiB UKI: this tool vs ``openssl dgst -sha256`` of the same file
+(and ``sha256sum``, ``pesign -h``).
 
-Each contender runs as a child process; wall time is the best of REPEATS runs (the page cache
-is warmed first, so all read from memory), peak RSS comes from ``os.wait4`` for that child
-(``resource.getrusage(RUSAGE_CHILDREN)`` would give the maximum over every child so far).
-Goal: within 10% of sha256sum, peak RSS below 64 MiB.
+Each contender runs as a child process; wall time is the median and best of REPEATS runs
+(the page cache is warmed first, so all read from memory), peak RSS comes from ``os.wait4``
+for that child (``resource.getrusage(RUSAGE_CHILDREN)`` would give the maximum over every
+child so far).  Goals: the whole ``inspect --json`` command (Python start-up, the UKI's and
+its kernel's digests in one pass, sections, SBAT, version) within 1.5x of ``openssl dgst
+-sha256``; the bare digest within 10% of sha256sum; peak RSS below 64 MiB.
 """
 
 import os
 import random
+import statistics
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 from tests import realbins
 
-REPEATS = 5
+REPEATS = 7
 UKI_SIZE = 100 * 1024 * 1024
 GOAL_RATIO = 1.10
+GOAL_INSPECT_RATIO = 1.5
 GOAL_RSS_KIB = 64 * 1024
 
 # The child computing our digest: parse + hash through a read-only mmap, as `inspect` does.
@@ -66,11 +71,6 @@ def run_child(argv: List[str]) -> Tuple[float, int, str]:
     return elapsed, usage.ru_maxrss, out.decode().strip()
 
 
-def best_of(argv: List[str]) -> Tuple[float, int, str]:
-    runs = [run_child(argv) for _ in range(REPEATS)]
-    return min(r[0] for r in runs), max(r[1] for r in runs), runs[0][2]
-
-
 def main() -> int:
     # Built in a child: building reads the whole file, and Linux hands a process's peak RSS
     # on to the children it spawns (exec keeps the old hiwater mark), which would inflate
@@ -85,6 +85,7 @@ def main() -> int:
     contenders = [("true (RSS floor)", ["true"]),
                   ("rhel-cvm-update (mmap)", [sys.executable, "-c", OUR_CHILD, str(uki)]),
                   ("sha256sum", ["sha256sum", str(uki)]),
+                  ("openssl dgst -sha256", ["openssl", "dgst", "-sha256", str(uki)]),
                   # The whole command: also hashes the embedded kernel and reads the sections.
                   ("inspect --json", [sys.executable, "-m", "rhel_cvm_update", "inspect", "--json", str(uki)])]
     if shutil.which("pesign"):
@@ -92,17 +93,27 @@ def main() -> int:
     subprocess.run(["cat", str(uki)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
     os.chdir(repo)
     results = {}
-    for name, argv in contenders:
-        results[name] = best_of(argv)
-        seconds, rss, _ = results[name]
-        print(f"{name:<24} {seconds * 1000:8.1f} ms  {size / seconds / 2**20:7.1f} MiB/s  "
-              f"peak RSS {rss / 1024:6.1f} MiB")
+    # Interleaved rounds, so a burst of load elsewhere hits every contender alike.
+    for _ in range(REPEATS):
+        for name, argv in contenders:
+            seconds, rss, out = run_child(argv)
+            times, peak, first = results.get(name, ([], 0, out))
+            results[name] = (times + [seconds], max(peak, rss), first)
+    for name, (times, rss, _) in results.items():
+        median = statistics.median(times)
+        print(f"{name:<24} median {median * 1000:8.1f} ms  best {min(times) * 1000:8.1f} ms  "
+              f"{size / median / 2**20:7.1f} MiB/s  peak RSS {rss / 1024:6.1f} MiB")
     ours, baseline = results["rhel-cvm-update (mmap)"], results["sha256sum"]
-    ratio = ours[0] / baseline[0]
-    print(f"ratio to sha256sum: {ratio:.3f} (goal <= {GOAL_RATIO})")
-    pesign: Optional[Tuple[float, int, str]] = results.get("pesign -h")
+    ratio = min(ours[0]) / min(baseline[0])
+    print(f"ratio digest/sha256sum (best): {ratio:.3f} (goal <= {GOAL_RATIO})")
+    inspect, openssl = results["inspect --json"], results["openssl dgst -sha256"]
+    inspect_ratio = statistics.median(inspect[0]) / statistics.median(openssl[0])
+    print(f"ratio inspect --json / openssl dgst -sha256: median {inspect_ratio:.2f}, best "
+          f"{min(inspect[0]) / min(openssl[0]):.2f} (goal <= {GOAL_INSPECT_RATIO}: "
+          f"{'met' if inspect_ratio <= GOAL_INSPECT_RATIO else 'NOT met'})")
+    pesign = results.get("pesign -h")
     if pesign:
-        print(f"ratio to pesign -h: {ours[0] / pesign[0]:.3f}")
+        print(f"ratio digest/pesign -h (best): {min(ours[0]) / min(pesign[0]):.3f}")
         if pesign[2].split()[-1] != ours[2]:
             print(f"DIGEST MISMATCH: ours {ours[2]} pesign {pesign[2]}")
             return 1

@@ -13,10 +13,10 @@ systemd-cryptenroll only seals to the PCRs as they are now and adds a keyslot (i
 passphrase in $PASSWORD): the floor for "add a TPM2 keyslot".
 
 Reported: median and best of REPEATS wall times for the CLI (Python start-up included),
-for ``run_update()`` in this process, and for cryptenroll; the ratios.  Goal: 1.5 or less.
-cryptenroll never reads the UKI, while any correct update must hash all of it at least once
-(Authenticode for PCR4): ``sha256sum`` of the UKI alone is printed, and a second ratio
-against cryptenroll + that one hash pass, the floor of the work an update cannot skip.
+for ``run_update()`` in this process, and for cryptenroll; the ratios.  cryptenroll never
+reads the UKI, while any correct update must hash all of it at least once (Authenticode for
+PCR4), so the peer is cryptenroll + ``openssl dgst -sha256`` of the UKI, the floor of the work
+an update cannot skip.  Goal: the CLI within 1.3x of that peer.
 Run: ``python -m benchmarks.update``.
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 REPEATS = 5
-GOAL_RATIO = 1.5
+GOAL_RATIO = 1.3
 MUTABLE = ("luks.img", "efivars", "state", "esp")
 
 
@@ -111,7 +111,7 @@ def main() -> int:
                     raise RuntimeError(f"systemd-cryptenroll failed: {result.stderr.decode()}")
 
             def one_hash_pass() -> None:
-                subprocess.run(["sha256sum", str(big)], check=True, stdout=subprocess.DEVNULL)
+                subprocess.run(["openssl", "dgst", "-sha256", str(big)], check=True, stdout=subprocess.DEVNULL)
 
             cli_times, inproc_times, theirs_times, hash_times = [], [], [], []
             for _ in range(REPEATS):
@@ -132,14 +132,14 @@ def main() -> int:
     print(summary("rhel-cvm-update update (CLI)", cli_times))
     print(summary("run_update() in-process", inproc_times))
     print(summary("systemd-cryptenroll", theirs_times))
-    print(summary("sha256sum of the UKI", hash_times))
+    print(summary("openssl dgst -sha256 of the UKI", hash_times))
     floor = [t + h for t, h in zip(theirs_times, hash_times)]
+    print(summary("cryptenroll + openssl (peer)", floor))
     for name, times in (("update CLI", cli_times), ("run_update()", inproc_times)):
-        ratio = statistics.median(times) / statistics.median(theirs_times)
-        print(f"ratio {name}/cryptenroll: median {ratio:.2f}   best {min(times) / min(theirs_times):.2f}"
-              f"   goal <= {GOAL_RATIO}: {'met' if ratio <= GOAL_RATIO else 'NOT met'}")
-        print(f"ratio {name}/(cryptenroll + one sha256sum of the UKI): median "
-              f"{statistics.median(times) / statistics.median(floor):.2f}   best {min(times) / min(floor):.2f}")
+        print(f"ratio {name}/cryptenroll: median {statistics.median(times) / statistics.median(theirs_times):.2f}")
+        ratio = statistics.median(times) / statistics.median(floor)
+        print(f"ratio {name}/(cryptenroll + openssl dgst of the UKI): median {ratio:.2f}   best "
+              f"{min(times) / min(floor):.2f}   goal <= {GOAL_RATIO}: {'met' if ratio <= GOAL_RATIO else 'NOT met'}")
     return 0
 
 

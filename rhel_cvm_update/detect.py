@@ -64,12 +64,13 @@ def _token_accounts(config, token, policy: bytes) -> bool:
 
 def detect(machine: Machine, journal: Journal) -> Detected:
     from rhel_cvm_update.formats.efi import EFI_GLOBAL_VARIABLE
-    from rhel_cvm_update.predict import booted_chain, read_live_pcrs, shim_path
+    from rhel_cvm_update.predict import booted_chain, prediction_banks, read_live_pcrs, shim_path
 
     config = machine.config
     notes: List[str] = []
     live_banks = read_live_pcrs(machine.tpm, config.pcrs)
     live = live_banks["sha256"]
+    machine.banks = tuple(prediction_banks(live_banks))
     crash_point("detect", "inside")
     journal.live = LiveReading(pcrs={str(p): v.hex() for p, v in sorted(live.items())}, read=now())
     applications = _log_application_digests(config)

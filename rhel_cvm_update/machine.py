@@ -45,6 +45,7 @@ class Machine:
         from rhel_cvm_update.adapters.cryptsetup import Cryptsetup, resolve_device
         from rhel_cvm_update.adapters.efivarfs import EfiVarFs
         from rhel_cvm_update.adapters.esp import Esp
+        from rhel_cvm_update.measure import DigestCache
 
         self.config = config
         self.tpm = tpm
@@ -52,6 +53,8 @@ class Machine:
         self.efivarfs = EfiVarFs(config.efivars)
         self.esp = Esp(config.esp)
         self._partition = None
+        self.banks: Tuple[str, ...] = ("sha256",)  # detect sets the live ones
+        self.digest_cache = DigestCache()
 
     def boot_manager(self, step: Optional[str] = None, need_partition: bool = False):
         from rhel_cvm_update.adapters.esp import locate_esp
@@ -66,10 +69,8 @@ class Machine:
         return CrashAfterWrites(self.luks, step, ("add_keyslot", "import_token", "remove_token", "kill_keyslot"))
 
     def digest(self, path: str) -> str:
-        # The image digest only: measure_image would also hash the UKI's kernel and parse the
-        # signature, which detect does not need, for every UKI on every update.
-        from rhel_cvm_update.formats.authenticode import authenticode_digest
-        from rhel_cvm_update.mapped import mapped_file
+        """The sha256 PCR4 digest of a PE file.  Computed for ``banks`` (set by detect to the
+        live ones) and kept, with a UKI's kernel digests, for the prediction that follows."""
+        from rhel_cvm_update.measure import image_digests
 
-        with mapped_file(path) as buf:
-            return authenticode_digest(buf, "sha256", path).hex()
+        return image_digests(path, self.banks, self.digest_cache)[0]["sha256"].hex()

@@ -4,12 +4,13 @@ Files are memory-mapped read-only (mapped.py): a 100 MiB UKI is hashed without b
 into memory.
 """
 
+import contextlib
 import struct
 from typing import Dict, Optional, Sequence, Tuple
 
 from rhel_cvm_update.boot_events import ImageMeasurement
 from rhel_cvm_update.errors import FormatError
-from rhel_cvm_update.mapped import mapped_file
+from rhel_cvm_update.mapped import FileIdentity, mapped_file_with_identity
 from rhel_cvm_update.formats.authenticode import authenticode_digests
 from rhel_cvm_update.formats.pe import PEImage, certificates, section_bytes
 from rhel_cvm_update.formats.uki import UKI, is_uki, pe_sbat, shim_sbat_levels
@@ -38,14 +39,48 @@ def shim_vendor_cert(raw: bytes, source: str = "<.vendor_cert>") -> Optional[byt
     return der if der[:1] == b"\x30" else None
 
 
-def measure_image(path: str, banks: Sequence[str]) -> ImageMeasurement:
-    with mapped_file(path) as buf:
+ImageDigests = Tuple[Dict[str, bytes], Optional[Dict[str, bytes]]]  # the image's, a UKI's kernel's
+
+
+class DigestCache:
+    """Authenticode digests already computed in this process, by file identity (device,
+    inode, size, mtime, ctime) and banks: an update hashes every UKI to find the new ones,
+    then measures the new one for its prediction; a 100 MiB UKI is hashed once."""
+
+    def __init__(self) -> None:
+        self._digests: Dict[Tuple[FileIdentity, Tuple[str, ...]], ImageDigests] = {}
+
+    def get(self, identity: FileIdentity, banks: Sequence[str], compute) -> ImageDigests:
+        key = (identity, tuple(banks))
+        if key not in self._digests:
+            self._digests[key] = compute()
+        return self._digests[key]
+
+
+@contextlib.contextmanager
+def _opened_image(path: str, banks: Sequence[str], cache: Optional[DigestCache]):
+    """(mapping, PE, UKI or None, digests) of a PE file, the digests from ``cache`` when it
+    has them for this very file."""
+    with mapped_file_with_identity(path) as (buf, identity):
         pe = PEImage.parse(buf, path)
         uki = UKI.from_pe(buf, pe) if is_uki(pe) else None
-        if uki is not None:
-            authenticode, linux = uki.authenticode_digests(banks)  # one pass over the file
-        else:
-            authenticode, linux = authenticode_digests(buf, banks, source=path, image=pe), None
+
+        def compute() -> ImageDigests:
+            if uki is not None:
+                return uki.authenticode_digests(banks)  # one pass over the file
+            return authenticode_digests(buf, banks, source=path, image=pe), None
+        yield buf, pe, uki, (cache.get(identity, banks, compute) if cache is not None else compute())
+
+
+def image_digests(path: str, banks: Sequence[str], cache: Optional[DigestCache] = None) -> ImageDigests:
+    """The PCR4 digests of a PE file (and of its kernel, for a UKI), without the rest of a
+    measurement (no signature parsing)."""
+    with _opened_image(path, banks, cache) as (_, _, _, digests):
+        return digests
+
+
+def measure_image(path: str, banks: Sequence[str], cache: Optional[DigestCache] = None) -> ImageMeasurement:
+    with _opened_image(path, banks, cache) as (buf, pe, uki, (authenticode, linux)):
         signatures = tuple(tuple(certificates_from_pkcs7(cert.data, source=f"{path} signature {n}"))
                            for n, cert in enumerate(certificates(buf, pe), 1)
                            if cert.certificate_type == WIN_CERT_TYPE_PKCS_SIGNED_DATA)

@@ -106,15 +106,21 @@ def booted_chain(efivarfs, esp: str) -> Tuple[str, str]:
     return loader, esp_file(esp, second)
 
 
+def prediction_banks(live: Optional[LivePcrs]) -> List[str]:
+    """The banks a prediction computes: those of the live PCRs (all supported ones offline)."""
+    return [b for b in SUPPORTED_BANKS if live is None or b in live]
+
+
 def predict_next_boot(config, uki: str, shim: Optional[str] = None, source: str = "auto", tpm=None,
                       event_log: Optional[str] = None, offline: bool = False,
                       live: Optional[LivePcrs] = None, efivarfs=None,
-                      booted_shim: Optional[str] = None) -> "Prediction":
+                      booted_shim: Optional[str] = None, digest_cache=None) -> "Prediction":
     """Predict PCR4 and PCR7 of a boot of ``uki`` through ``shim`` (default: the shim on the
     ESP now).  ``tpm``: an open adapters.tpm.Tpm (opened from config.tpm when needed);
     ``live``: already-read live PCRs; ``offline``: no live check (log source only);
     ``booted_shim``: a copy of the shim that booted now, when a shim update has replaced it
-    on the ESP (default: the shim on the ESP is the booted one)."""
+    on the ESP (default: the shim on the ESP is the booted one); ``digest_cache``: a
+    measure.DigestCache holding digests already computed (the transaction's detect step)."""
     if source not in SOURCES:
         raise ConfigError(f"unknown prediction source {source!r}; use one of {', '.join(SOURCES)}")
     if efivarfs is None and os.path.isdir(config.efivars):
@@ -131,9 +137,9 @@ def predict_next_boot(config, uki: str, shim: Optional[str] = None, source: str 
                 live = read_live_pcrs(opened)
         else:
             live = read_live_pcrs(tpm)
-    banks = [b for b in SUPPORTED_BANKS if live is None or b in live]
+    banks = prediction_banks(live)
 
-    inputs = SourceInputs(config.esp, efivarfs)
+    inputs = SourceInputs(config.esp, efivarfs, digest_cache)
     runs: Dict[str, SourceRun] = {}
     if source in ("auto", "log"):
         runs["log"] = run_source(lambda: _from_log(config, event_log or config.event_log, live, banks, uki,
@@ -147,8 +153,8 @@ class SourceInputs:
     """What both sources read from the machine, read once: a 100 MiB UKI is hashed once per
     prediction, not once per source."""
 
-    def __init__(self, esp: str, efivarfs):
-        self.esp, self.efivarfs = esp, efivarfs
+    def __init__(self, esp: str, efivarfs, digest_cache=None):
+        self.esp, self.efivarfs, self.digest_cache = esp, efivarfs, digest_cache
         self._images: Dict[Tuple[str, Tuple[str, ...]], "ImageMeasurement"] = {}
         self._variables: Optional[Dict[Tuple[str, str], bytes]] = None
 
@@ -157,7 +163,7 @@ class SourceInputs:
 
         key = (path, tuple(banks))
         if key not in self._images:
-            self._images[key] = measure_image(path, banks)
+            self._images[key] = measure_image(path, banks, self.digest_cache)
         return self._images[key]
 
     def policy_variables(self) -> Optional[Dict[Tuple[str, str], bytes]]:

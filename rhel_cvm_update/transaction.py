@@ -84,7 +84,8 @@ def predict(machine: Machine, detected: Detected) -> List[Dict[str, Any]]:
     for item in detected.new:
         check_trusted_path(item["uki"], "UKI")
         prediction = predict_next_boot(machine.config, item["uki"], tpm=machine.tpm, live=detected.live_banks,
-                                       booted_shim=detected.booted_shim if detected.shim_changed else None)
+                                       booted_shim=detected.booted_shim if detected.shim_changed else None,
+                                       digest_cache=machine.digest_cache)
         require_live_checked(prediction)
         missing = [p for p in machine.config.pcrs if p not in prediction.pcrs]
         if missing:

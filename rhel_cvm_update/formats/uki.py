@@ -180,9 +180,9 @@ class UKI:
         if self.uname:
             return self.uname, ".uname"
         raw = section_bytes(self.buf, self.linux)
-        header = bzimage_version_string(raw[:min(len(raw), self.linux.virtual_size)])
-        if header:
-            return header.split()[0], "bzImage header"
+        words = (bzimage_version_string(raw[:min(len(raw), self.linux.virtual_size)]) or "").split()
+        if words:  # a blank version string (hostile or damaged) names no version
+            return words[0], "bzImage header"
         return None, None
 
     @property
