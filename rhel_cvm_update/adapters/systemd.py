@@ -212,8 +212,9 @@ class ShutdownInhibitor:
         except GLib.Error as e:
             # A container or a sandbox without systemd has no system bus, hence no logind.
             where = f"at {self.bus_address}" if self.bus_address else "system bus here"
-            self.log.send(f"shutdown not inhibited: no D-Bus {where}, hence no logind ({e.message}); "
-                          "the update is crash-safe without it", priority=LOG_NOTICE)
+            what = (f"no D-Bus {where}, hence no logind" if "No such file" in e.message
+                    else f"cannot connect to the D-Bus {where} ({e.message})")
+            self.log.send(f"shutdown not inhibited: {what}; the update is crash-safe without it", priority=LOG_NOTICE)
             return False
         try:
             reply, fd_list = bus.con.call_with_unix_fd_list_sync(
