@@ -458,24 +458,32 @@ def test_ovmf_measured_the_shim_with_our_digest(name):
         assert padded != ours["sha256"]
 
 
+@pytest.mark.parametrize("through", ["slices of a buffer", "pread of a mapped file"])
 @pytest.mark.parametrize("name", sorted(IN_ORDER_LAYOUTS))
-def test_nested_digests_follow_the_outer_pass_or_hash_apart(name, monkeypatch):
+def test_nested_digests_follow_the_outer_pass_or_hash_apart(name, through, monkeypatch, tmp_path):
     """An image embedded in another (as a kernel in a UKI) is hashed from the slices the outer
     pass reads while its hash order is file order; when its next bytes went by already (here
     the gap-after-headers layout hashes .text before the headers' tail: with 512-byte slices
-    that is a slice back) it gets a pass of its own.  The digests equal separate passes."""
+    that is a slice back) it gets a pass of its own.  The digests equal separate passes, for
+    a buffer (sliced) and for a mapped file (read with pread)."""
+    from rhel_cvm_update.mapped import mapped_file
+
     monkeypatch.setattr(authenticode, "_HASH_CHUNK", 512)
+    monkeypatch.setattr(authenticode, "_READ_CHUNK", 512)
     inner = build_pe(**IN_ORDER_LAYOUTS[name])
     outer = build_pe([_text(), Section(b".linux", inner)])
-    image = pe.PEImage.parse(outer, "outer")
-    start = image.section(".linux").pointer_to_raw_data
+    (tmp_path / "outer.efi").write_bytes(outer)
     plan = authenticode.edk2_plan(pe.PEImage.parse(inner, "inner"), len(inner), "inner")
     in_file_order = all(a[1] <= b[0] for a, b in zip(plan.ranges, plan.ranges[1:]))
     apart = []
     real = authenticode.digests_of_plan
     monkeypatch.setattr(authenticode, "digests_of_plan", lambda *a: apart.append(a) or real(*a))
-    digests, nested = authenticode.nested_authenticode_digests(outer, image, (start, start + len(inner)),
-                                                               authenticode.HASH_ALGORITHMS, "outer", "inner")
+    with mapped_file(str(tmp_path / "outer.efi")) as mapping:
+        buf = mapping if through == "pread of a mapped file" else outer
+        image = pe.PEImage.parse(buf, "outer")
+        start = image.section(".linux").pointer_to_raw_data
+        digests, nested = authenticode.nested_authenticode_digests(buf, image, (start, start + len(inner)),
+                                                                   authenticode.HASH_ALGORITHMS, "outer", "inner")
     monkeypatch.setattr(authenticode, "digests_of_plan", real)
     assert digests == authenticode.authenticode_digests(outer, authenticode.HASH_ALGORITHMS)
     assert nested == authenticode.authenticode_digests(inner, authenticode.HASH_ALGORITHMS)
