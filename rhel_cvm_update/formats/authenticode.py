@@ -19,7 +19,7 @@ import dataclasses
 import hashlib
 import mmap
 import os
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from rhel_cvm_update.errors import FormatError, UnsupportedError
 from rhel_cvm_update.formats.pe import PEImage, PESection, byte_view
@@ -31,6 +31,8 @@ SHIM_HASH_VERSIONS = ("15.6", "15.7", "15.8", "16.0", "16.1")
 # read a file in slices of the smaller size, which stay in the CPU cache while hashed.
 _HASH_CHUNK = 4 * 1024 * 1024
 _READ_CHUNK = 1024 * 1024
+# Below this a thread handoff costs more than the hashing it would move to another core.
+_PARALLEL_MIN = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,23 +168,81 @@ class _Follower:
     def done(self) -> bool:
         return not self.missed and self.index == len(self.plan.ranges)
 
-    def offer(self, piece: memoryview, start: int) -> None:
-        """The file's bytes [start, start + len(piece)) pass by: take what this plan needs
-        next from them."""
-        ranges, end = self.plan.ranges, start + len(piece)
+    def take(self, piece: memoryview, start: int) -> List[memoryview]:
+        """The file's bytes [start, start + len(piece)) pass by: the parts of them this plan
+        hashes next, in order (the caller hashes them)."""
+        ranges, end, parts = self.plan.ranges, start + len(piece), []
         while not self.missed and self.index < len(ranges) and self.pos < end:
             if self.pos < start:
                 # Its next byte went by already (or comes later, out of order): give up
                 # following; it is hashed on its own afterwards.
                 self.missed = True
-                return
+                return []
             range_end = ranges[self.index][1]
             take = min(range_end, end)
-            self.hashes.update(piece[self.pos - start:take - start])
+            parts.append(piece[self.pos - start:take - start])
             self.pos = take
             if take == range_end:
                 self.index += 1
                 self.pos = ranges[self.index][0] if self.index < len(ranges) else 0
+        return parts
+
+
+_Work = Tuple[Callable[[memoryview], None], List[memoryview]]
+
+
+class _Workers:
+    """Threads that run hash updates beside the caller, one group of updates each: hashlib
+    releases the GIL while it hashes a large buffer, so the banks of one digest (and an
+    embedded image's digest) are computed on several cores at once."""
+
+    def __init__(self, count: int):
+        import threading
+
+        self.groups: List[List[_Work]] = [[] for _ in range(count)]
+        self.start = [threading.Semaphore(0) for _ in range(count)]
+        self.finished = threading.Semaphore(0)
+        self.errors: List[BaseException] = []
+        self.stopping = False
+        self.threads = [threading.Thread(target=self._work, args=(i,), daemon=True) for i in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def _work(self, index: int) -> None:
+        while True:
+            self.start[index].acquire()
+            if self.stopping:
+                return
+            try:
+                for update, parts in self.groups[index]:
+                    for part in parts:
+                        update(part)
+            except BaseException as e:  # handed to the caller's thread
+                self.errors.append(e)
+            finally:
+                self.finished.release()
+
+    def run(self, work: List["_Work"]) -> None:
+        """Run every item (one hash object's update and the parts it hashes, in order): the
+        first in this thread, the others spread over the threads beside it."""
+        busy = self.threads[:len(work) - 1]
+        for index in range(len(busy)):
+            self.groups[index] = work[1 + index::len(busy)]
+            self.start[index].release()
+        update, parts = work[0]
+        for part in parts:
+            update(part)
+        for _ in busy:
+            self.finished.acquire()
+        if self.errors:
+            raise self.errors[0]
+
+    def close(self) -> None:
+        self.stopping = True
+        for semaphore in self.start:
+            semaphore.release()
+        for thread in self.threads:
+            thread.join()
 
 
 def _pieces(view: memoryview, plan: HashPlan, mapping) -> Iterator[Tuple[int, memoryview]]:
@@ -216,10 +276,26 @@ def _pieces(view: memoryview, plan: HashPlan, mapping) -> Iterator[Tuple[int, me
 
 
 def _feed(view: memoryview, plan: HashPlan, hashes: _Hashes, mapping, followers: Sequence[_Follower] = ()) -> None:
-    for start, piece in _pieces(view, plan, mapping):
-        hashes.update(piece)
-        for follower in followers:
-            follower.offer(piece, start)
+    updaters = len(hashes.updates) + sum(len(f.hashes.updates) for f in followers)
+    workers = _Workers(min(updaters, os.cpu_count() or 1) - 1) if updaters > 1 and (os.cpu_count() or 1) > 1 else None
+    try:
+        for start, piece in _pieces(view, plan, mapping):
+            # One item per hash object, its parts in order: an object is never updated from
+            # two threads, nor out of order.
+            work = [(update, [piece]) for update in hashes.updates]
+            for follower in followers:
+                parts = follower.take(piece, start)
+                if parts:
+                    work.extend((update, parts) for update in follower.hashes.updates)
+            if workers is None or len(work) == 1 or len(piece) < _PARALLEL_MIN:
+                for update, parts in work:
+                    for part in parts:
+                        update(part)
+            else:
+                workers.run(work)
+    finally:
+        if workers is not None:
+            workers.close()
 
 
 def digests_of_plan(buf, plan: HashPlan, algorithms: Sequence[str]) -> Dict[str, bytes]:

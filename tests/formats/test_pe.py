@@ -465,11 +465,13 @@ def test_nested_digests_follow_the_outer_pass_or_hash_apart(name, through, monke
     pass reads while its hash order is file order; when its next bytes went by already (here
     the gap-after-headers layout hashes .text before the headers' tail: with 512-byte slices
     that is a slice back) it gets a pass of its own.  The digests equal separate passes, for
-    a buffer (sliced) and for a mapped file (read with pread)."""
+    a buffer (sliced) and for a mapped file (read with pread), with the updates of every hash
+    object spread over threads (several parts of one slice stay in order on one thread)."""
     from rhel_cvm_update.mapped import mapped_file
 
     monkeypatch.setattr(authenticode, "_HASH_CHUNK", 512)
     monkeypatch.setattr(authenticode, "_READ_CHUNK", 512)
+    monkeypatch.setattr(authenticode, "_PARALLEL_MIN", 0)  # banks and the inner image on threads
     inner = build_pe(**IN_ORDER_LAYOUTS[name])
     outer = build_pe([_text(), Section(b".linux", inner)])
     (tmp_path / "outer.efi").write_bytes(outer)
