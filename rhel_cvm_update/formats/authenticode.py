@@ -223,15 +223,16 @@ class _Workers:
                 self.finished.release()
 
     def run(self, work: List["_Work"]) -> None:
-        """Run every item (one hash object's update and the parts it hashes, in order): the
-        first in this thread, the others spread over the threads beside it."""
-        busy = self.threads[:len(work) - 1]
+        """Run every item (one hash object's update and the parts it hashes, in order),
+        dealt round-robin to this thread and the threads beside it."""
+        share = min(len(work), len(self.threads) + 1)
+        busy = self.threads[:share - 1]
         for index in range(len(busy)):
-            self.groups[index] = work[1 + index::len(busy)]
+            self.groups[index] = work[1 + index::share]
             self.start[index].release()
-        update, parts = work[0]
-        for part in parts:
-            update(part)
+        for update, parts in work[0::share]:
+            for part in parts:
+                update(part)
         for _ in busy:
             self.finished.acquire()
         if self.errors:
