@@ -63,11 +63,12 @@ def summary(name: str, times: List[float]) -> str:
     return f"{name:30s} median {statistics.median(times) * 1000:8.1f} ms   best {min(times) * 1000:8.1f} ms"
 
 
-def run_cli_update(cvm) -> Dict[str, object]:
+def run_cli_update(cvm, env: Dict[str, str]) -> Dict[str, object]:
     import json
 
     result = subprocess.run([sys.executable, "-m", "rhel_cvm_update", "--config", str(cvm.config_path), "update",
-                             "--no-wait", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=600)
+                             "--no-wait", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=600,
+                            env=env)
     if result.returncode:
         raise RuntimeError(f"update exited {result.returncode}: {result.stderr.decode()}")
     return json.loads(result.stdout)
@@ -93,8 +94,15 @@ def main() -> int:
             snap = snapshot(cvm, work / "snapshot")
             enroll_copy = work / "enroll.img"
 
+            # The CLI runs with byte-code, as the RPM installs the package (this development
+            # environment may set PYTHONDONTWRITEBYTECODE); the first run writes it.
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+            env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+            restore(cvm, snap)
+            run_cli_update(cvm, env)
+
             def ours_cli() -> None:
-                result = run_cli_update(cvm)
+                result = run_cli_update(cvm, env)
                 if [s["uki"] for s in result["sealed"]] != [str(big)]:
                     raise RuntimeError(f"update did not seal exactly the big UKI: {result}")
 

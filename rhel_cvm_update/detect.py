@@ -7,7 +7,7 @@ is gone, a changed shim, and the VM's first token adopted as the booted chain's.
 
 import dataclasses
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 from rhel_cvm_update.errors import CvmUpdateError, MachineError
 from rhel_cvm_update.journal import Chain, Journal, LiveReading, now
@@ -62,6 +62,21 @@ def _token_accounts(config, token, policy: bytes) -> bool:
             and token.bank == "sha256" and not token.pin)
 
 
+def _likely_predicted(journal: Journal, ukis, limit: int) -> Set[str]:
+    """The UKIs the prediction will probably measure: the ``limit`` newest that no live chain
+    records with this mtime.  Only their digests are computed in every live bank now (and
+    kept for the prediction); the others only in sha256, which is all detect needs.  A
+    wrong guess costs a second pass over one file, never a wrong digest."""
+    known = {(c.uki, c.mtime) for c in journal.live_chains().values()}
+    unknown = []
+    for uki in ukis:
+        if not uki.problem:
+            mtime = os.stat(uki.path).st_mtime
+            if (uki.path, mtime) not in known:
+                unknown.append((mtime, uki.path))
+    return {path for _, path in sorted(unknown, reverse=True)[:limit]}
+
+
 def detect(machine: Machine, journal: Journal) -> Detected:
     from rhel_cvm_update.formats.efi import EFI_GLOBAL_VARIABLE
     from rhel_cvm_update.predict import booted_chain, prediction_banks, read_live_pcrs, shim_path
@@ -88,12 +103,13 @@ def detect(machine: Machine, journal: Journal) -> Detected:
     except CvmUpdateError as e:
         notes.append(f"BootCurrent does not name a readable chain: {e}")
     ukis = [u for u in machine.esp.list_ukis(config.uki_dir)]
+    likely_new = _likely_predicted(journal, ukis, config.keep_previous + 1)
     digests: Dict[str, str] = {}
     for uki in ukis:
         if uki.problem:
             notes.append(f"{uki.path} skipped: {uki.problem}")
             continue
-        digests[uki.path] = machine.digest(uki.path)
+        digests[uki.path] = machine.digest(uki.path, all_banks=uki.path in likely_new)
         if booted_uki is None and digests[uki.path] in applications[1:2]:
             booted_uki = uki.path
     booted_key = chain_key(applications[0], applications[1]) if len(applications) >= 2 else None

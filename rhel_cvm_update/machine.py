@@ -68,9 +68,10 @@ class Machine:
     def luks_for(self, step: str):
         return CrashAfterWrites(self.luks, step, ("add_keyslot", "import_token", "remove_token", "kill_keyslot"))
 
-    def digest(self, path: str) -> str:
-        """The sha256 PCR4 digest of a PE file.  Computed for ``banks`` (set by detect to the
-        live ones) and kept, with a UKI's kernel digests, for the prediction that follows."""
+    def digest(self, path: str, all_banks: bool = True) -> str:
+        """The sha256 PCR4 digest of a PE file.  With ``all_banks`` computed for every live
+        bank (``banks``, set by detect) and kept, with a UKI's kernel digests, for the
+        prediction that follows; else for sha256 only."""
         from rhel_cvm_update.measure import image_digests
 
-        return image_digests(path, self.banks, self.digest_cache)[0]["sha256"].hex()
+        return image_digests(path, self.banks if all_banks else ("sha256",), self.digest_cache)[0]["sha256"].hex()
