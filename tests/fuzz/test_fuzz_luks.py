@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from rhel_cvm_update.errors import CvmUpdateError, FormatError
 from rhel_cvm_update.formats import tpm_policy
+from rhel_cvm_update.formats.luks2_header import header_size, read_json_area
 from rhel_cvm_update.formats.luks_token import LuksMetadata
 from tests.fuzz.mutation import mutated
 from tests.swtpm_fixtures import TEST_PASSPHRASE, cryptsetup, make_luks2_image, missing_tools, swtpm  # noqa: F401
@@ -110,3 +111,32 @@ def test_hostile_tables(real_metadata, data):
     else:
         doc[table][data.draw(st.sampled_from(["0", "1", "31", "32", "01", "-1", "x"]))] = data.draw(JSON_VALUES)
     read_like_reseal(json.dumps(doc).encode())
+
+
+@pytest.fixture(scope="session")
+def real_header_bytes(swtpm, tmp_path_factory) -> bytes:  # noqa: F811
+    """The first 2 x hdr_size bytes of a real image with a systemd-cryptenroll token: what
+    status reads from the device (formats/luks2_header.py)."""
+    if missing_tools(["cryptsetup", "systemd-cryptenroll"]):
+        pytest.skip("cryptsetup or systemd-cryptenroll is not installed")
+    image = make_luks2_image(str(tmp_path_factory.mktemp("fuzz-luks-header") / "disk.img"))
+    subprocess.run(["systemd-cryptenroll", f"--tpm2-device={swtpm.tcti}", "--tpm2-pcrs=4+7", image],
+                   env=dict(os.environ, PASSWORD=TEST_PASSPHRASE.decode()), check=True, capture_output=True)
+    swtpm.flush_all()
+    with open(image, "rb") as f:
+        return f.read(2 * header_size(f.read(16), source=SOURCE))
+
+
+@FUZZ
+@given(st.data())
+def test_mutated_binary_headers(real_header_bytes, data):
+    """Edits anywhere in both header copies (magic, sizes, seqid, offsets, checksums, JSON):
+    the JSON area read is the one of a copy whose checksum holds, or a FormatError names
+    the source."""
+    raw = data.draw(mutated([real_header_bytes], head=len(real_header_bytes), max_edits=4))
+    try:
+        read_like_reseal(read_json_area(raw, source=SOURCE))
+    except FormatError as e:
+        assert e.source == SOURCE
+    except CvmUpdateError:
+        pass
