@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON list")
     parser.add_argument("--hash", dest="algorithms", action="append", choices=HASH_CHOICES,
                         help="digest algorithm (PCR bank); repeatable; default sha256")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, without_config=True)
 
 
 def describe(buf, path: str, algorithms: List[str]) -> Dict[str, object]:
