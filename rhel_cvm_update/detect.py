@@ -62,19 +62,14 @@ def _token_accounts(config, token, policy: bytes) -> bool:
             and token.bank == "sha256" and not token.pin)
 
 
-def _likely_predicted(journal: Journal, ukis, limit: int) -> Set[str]:
+def _likely_predicted(journal: Journal, mtimes: Dict[str, float], limit: int) -> Set[str]:
     """The UKIs the prediction will probably measure: the ``limit`` newest that no live chain
     records with this mtime.  Only their digests are computed in every live bank now (and
     kept for the prediction); the others only in sha256, which is all detect needs.  A
     wrong guess costs a second pass over one file, never a wrong digest."""
     known = {(c.uki, c.mtime) for c in journal.live_chains().values()}
-    unknown = []
-    for uki in ukis:
-        if not uki.problem:
-            mtime = os.stat(uki.path).st_mtime
-            if (uki.path, mtime) not in known:
-                unknown.append((mtime, uki.path))
-    return {path for _, path in sorted(unknown, reverse=True)[:limit]}
+    unknown = sorted(((mtime, path) for path, mtime in mtimes.items() if (path, mtime) not in known), reverse=True)
+    return {path for _, path in unknown[:limit]}
 
 
 def detect(machine: Machine, journal: Journal) -> Detected:
@@ -103,7 +98,8 @@ def detect(machine: Machine, journal: Journal) -> Detected:
     except CvmUpdateError as e:
         notes.append(f"BootCurrent does not name a readable chain: {e}")
     ukis = [u for u in machine.esp.list_ukis(config.uki_dir)]
-    likely_new = _likely_predicted(journal, ukis, config.keep_previous + 1)
+    mtimes = {u.path: os.stat(u.path).st_mtime for u in ukis if not u.problem}
+    likely_new = _likely_predicted(journal, mtimes, config.keep_previous + 1)
     digests: Dict[str, str] = {}
     for uki in ukis:
         if uki.problem:
@@ -140,7 +136,7 @@ def detect(machine: Machine, journal: Journal) -> Detected:
         if key == booted_key or (known and known.status != "sealed"):
             continue
         new.append({"uki": uki.path, "esp_path": uki.esp_path, "digest": digests[uki.path], "key": key,
-                    "mtime": os.stat(uki.path).st_mtime})
+                    "mtime": mtimes[uki.path]})
     # A LUKS2 header holds about ten systemd-tpm2 tokens, and retirement keeps the booted
     # chain plus keep_previous: seal only that many of the newest new UKIs, say so for the rest.
     new.sort(key=lambda item: (item["mtime"], item["uki"]), reverse=True)

@@ -147,8 +147,15 @@ def _field(kinds, **kwargs):
     return dataclasses.field(metadata={"kinds": kinds if isinstance(kinds, tuple) else (kinds,)}, **kwargs)
 
 
+class _Record:
+    """A journal record: written back as the JSON object it was read from."""
+
+    def to_json(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass
-class Chain:
+class Chain(_Record):
     """One shim + UKI pair this tool sealed a token to (or adopted the booted one's)."""
 
     uki: Optional[str] = _field(_OPTIONAL_STR)
@@ -183,12 +190,9 @@ class Chain:
                                    "move the journal aside to start afresh")
         return chain
 
-    def to_json(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclasses.dataclass
-class Reservation:
+class Reservation(_Record):
     """The keyslot and token id a seal is about to take (undone if it is interrupted)."""
 
     keyslot: Optional[int] = _field(_OPTIONAL_INT)
@@ -197,7 +201,7 @@ class Reservation:
 
 
 @dataclasses.dataclass
-class Pending:
+class Pending(_Record):
     """The transaction under way (None in the journal when the last one finished)."""
 
     kind: str = _field(str)
@@ -216,12 +220,9 @@ class Pending:
             raise TransactionError(f"{where} is damaged; move the journal aside to start afresh")
         return pending
 
-    def to_json(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclasses.dataclass
-class TrialFailure:
+class TrialFailure(_Record):
     """A staged chain the VM did not come up with."""
 
     staged_uki: Optional[str] = _field(_OPTIONAL_STR)
@@ -232,7 +233,7 @@ class TrialFailure:
 
 
 @dataclasses.dataclass
-class LiveReading:
+class LiveReading(_Record):
     """The live PCRs the last transaction read from the TPM (status's last resort)."""
 
     pcrs: Dict[str, str] = _field(dict)
@@ -269,7 +270,7 @@ class Journal:
         self.serial = serial if isinstance(serial, int) and not isinstance(serial, bool) else 0
 
     def to_json(self) -> Dict[str, Any]:
-        record = lambda r: None if r is None else dataclasses.asdict(r)  # noqa: E731
+        record = lambda r: None if r is None else r.to_json()  # noqa: E731
         return {"version": JOURNAL_VERSION, "chains": {k: c.to_json() for k, c in self.chains.items()},
                 "pending": record(self.pending), "trial_failed": record(self.trial_failed),
                 "live": record(self.live), "serial": self.serial}

@@ -10,10 +10,10 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from rhel_cvm_update.boot_events import ImageMeasurement
 from rhel_cvm_update.errors import FormatError
-from rhel_cvm_update.mapped import FileIdentity, mapped_file_with_identity
 from rhel_cvm_update.formats.authenticode import authenticode_digests
 from rhel_cvm_update.formats.pe import PEImage, certificates, section_bytes
 from rhel_cvm_update.formats.uki import UKI, is_uki, pe_sbat, shim_sbat_levels
+from rhel_cvm_update.mapped import FileIdentity, mapped_file_with_identity
 from rhel_cvm_update.signers import certificates_from_pkcs7
 
 WIN_CERT_TYPE_PKCS_SIGNED_DATA = 0x0002

@@ -10,7 +10,6 @@ Exit codes: 0 the next boot will unlock; 1 attention is needed (``attention`` sa
 run); 2 error (something could not be read).
 """
 
-import dataclasses
 import hmac
 import os
 from typing import Any, Dict, List, Optional, Tuple
@@ -235,7 +234,7 @@ def collect_status(config) -> Dict[str, Any]:
         "boot_next": boot["boot_next"],
         "chains": [dict(c.to_json(), key=k) for k, c in sorted(chains.items()) if c.status != "retired"],
         "pending": pending.to_json() if pending is not None else None,
-        "trial_failed": dataclasses.asdict(trial_failed) if trial_failed is not None else None,
+        "trial_failed": trial_failed.to_json() if trial_failed is not None else None,
         "last_result": last,
         "attention": attention,
         "notes": notes,

@@ -22,7 +22,7 @@ import os
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from rhel_cvm_update.errors import FormatError, UnsupportedError
-from rhel_cvm_update.formats.pe import PEImage, PESection, byte_view
+from rhel_cvm_update.formats.pe import PEImage, byte_view
 
 HASH_ALGORITHMS = ("sha1", "sha256", "sha384", "sha512")
 SHIM_HASH_VERSIONS = ("15.6", "15.7", "15.8", "16.0", "16.1")
@@ -65,9 +65,13 @@ def _header_ranges(image: PEImage, assume_security_directory: bool) -> List[Tupl
     return [(0, image.checksum_offset), (after_checksum, image.size_of_headers)]
 
 
-def _sections_by_file_offset(image: PEImage) -> List[PESection]:
-    # Python's sort is stable, like edk2's insertion sort: ties keep their table order.
-    return sorted(image.sections, key=lambda s: s.pointer_to_raw_data)
+def _section_ranges(image: PEImage) -> Tuple[List[Tuple[int, int]], int]:
+    """The sections' file data in hash order (by PointerToRawData; Python's sort is stable,
+    like edk2's insertion sort, so ties keep their table order; SizeOfRawData 0 skipped),
+    and ``sum``: SizeOfHeaders plus every hashed SizeOfRawData."""
+    ranges = [(s.pointer_to_raw_data, s.pointer_to_raw_data + s.size_of_raw_data)
+              for s in sorted(image.sections, key=lambda s: s.pointer_to_raw_data) if s.size_of_raw_data]
+    return ranges, image.size_of_headers + sum(end - start for start, end in ranges)
 
 
 def edk2_plan(image: PEImage, size: int, source: str) -> HashPlan:
@@ -81,12 +85,8 @@ def edk2_plan(image: PEImage, size: int, source: str) -> HashPlan:
       only the certificate table's Size matters, its offset is ignored;
     - edk2 refuses to measure when filesize < sum + CertificateTable.Size.
     """
-    ranges = _header_ranges(image, assume_security_directory=False)
-    hashed_sum = image.size_of_headers
-    for s in _sections_by_file_offset(image):
-        if s.size_of_raw_data:
-            ranges.append((s.pointer_to_raw_data, s.pointer_to_raw_data + s.size_of_raw_data))
-            hashed_sum += s.size_of_raw_data
+    sections, hashed_sum = _section_ranges(image)
+    ranges = _header_ranges(image, assume_security_directory=False) + sections
     if size > hashed_sum:
         cert_size = image.certificate_table[1]
         if size > hashed_sum + cert_size:
@@ -109,18 +109,14 @@ def shim_plan(image: PEImage, size: int, shim_version: str, source: str) -> Hash
         # directories that is section-table data.  Not a layout worth predicting.
         raise UnsupportedError(f"{source}: image has no security directory; shim's hash of it "
                                f"is not modelled")
-    ranges = _header_ranges(image, assume_security_directory=True)
-    hashed_sum = image.size_of_headers
     section_bytes_total = 0
     for s in image.sections:
         if s.size_of_raw_data > size - image.size_of_headers - section_bytes_total:
             raise FormatError("headers + sections exceed the file (shim: 'Malformed section size')",
                               source=source, offset=s.header_offset + 16, field="SizeOfRawData")
         section_bytes_total += s.size_of_raw_data
-    for s in _sections_by_file_offset(image):
-        if s.size_of_raw_data:
-            ranges.append((s.pointer_to_raw_data, s.pointer_to_raw_data + s.size_of_raw_data))
-            hashed_sum += s.size_of_raw_data
+    sections, hashed_sum = _section_ranges(image)
+    ranges = _header_ranges(image, assume_security_directory=True) + sections
     cert_offset, cert_size = image.certificate_table
     if size > hashed_sum and cert_size:
         trailing = size - cert_size - hashed_sum
@@ -277,8 +273,11 @@ def _pieces(view: memoryview, plan: HashPlan, mapping) -> Iterator[Tuple[int, me
 
 
 def _feed(view: memoryview, plan: HashPlan, hashes: _Hashes, mapping, followers: Sequence[_Follower] = ()) -> None:
+    # Threads are started at the first slice worth sharing: a small file (or one bank of a
+    # plain image) is hashed in this thread alone.
     updaters = len(hashes.updates) + sum(len(f.hashes.updates) for f in followers)
-    workers = _Workers(min(updaters, os.cpu_count() or 1) - 1) if updaters > 1 and (os.cpu_count() or 1) > 1 else None
+    threads = min(updaters, os.cpu_count() or 1) - 1
+    workers: Optional[_Workers] = None
     try:
         for start, piece in _pieces(view, plan, mapping):
             # One item per hash object, its parts in order: an object is never updated from
@@ -288,11 +287,12 @@ def _feed(view: memoryview, plan: HashPlan, hashes: _Hashes, mapping, followers:
                 parts = follower.take(piece, start)
                 if parts:
                     work.extend((update, parts) for update in follower.hashes.updates)
-            if workers is None or len(work) == 1 or len(piece) < _PARALLEL_MIN:
+            if threads < 1 or len(work) == 1 or len(piece) < _PARALLEL_MIN:
                 for update, parts in work:
                     for part in parts:
                         update(part)
             else:
+                workers = workers or _Workers(threads)
                 workers.run(work)
     finally:
         if workers is not None:

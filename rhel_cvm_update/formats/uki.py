@@ -142,15 +142,14 @@ class UKI:
         both are hashed in one pass; else the kernel is the zero-filled loaded copy."""
         source = f"{self.source}:.linux"
         raw = section_bytes(self.buf, self.linux)
-        if self.linux.virtual_size <= len(raw):
-            if with_image and raw:
-                start = self.linux.pointer_to_raw_data
-                return nested_authenticode_digests(self.buf, self.pe, (start, start + self.linux.virtual_size),
-                                                   algorithms, self.source, source)
-            kernel = authenticode_digests(raw[:self.linux.virtual_size], algorithms, source=source)
-            return (authenticode_digests(self.buf, algorithms, self.source, self.pe) if with_image else None), kernel
+        in_file = self.linux.virtual_size <= len(raw)
+        if with_image and in_file and raw:
+            start = self.linux.pointer_to_raw_data
+            return nested_authenticode_digests(self.buf, self.pe, (start, start + self.linux.virtual_size),
+                                               algorithms, self.source, source)
         image = authenticode_digests(self.buf, algorithms, self.source, self.pe) if with_image else None
-        return image, authenticode_digests(self.linux_payload(), algorithms, source=source)
+        kernel = raw[:self.linux.virtual_size] if in_file else self.linux_payload()
+        return image, authenticode_digests(kernel, algorithms, source=source)
 
     @property
     def cmdline(self) -> Optional[str]:

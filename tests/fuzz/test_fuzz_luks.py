@@ -35,14 +35,20 @@ JSON_VALUES = st.recursive(
 
 
 @pytest.fixture(scope="session")
-def real_metadata(swtpm, tmp_path_factory) -> bytes:  # noqa: F811
+def enrolled_image(swtpm, tmp_path_factory) -> str:  # noqa: F811
+    """A LUKS2 image made by cryptsetup with a systemd-tpm2 token from systemd-cryptenroll."""
     if missing_tools(["cryptsetup", "systemd-cryptenroll"]):
         pytest.skip("cryptsetup or systemd-cryptenroll is not installed")
     image = make_luks2_image(str(tmp_path_factory.mktemp("fuzz-luks") / "disk.img"))
     subprocess.run(["systemd-cryptenroll", f"--tpm2-device={swtpm.tcti}", "--tpm2-pcrs=4+7", image],
                    env=dict(os.environ, PASSWORD=TEST_PASSPHRASE.decode()), check=True, capture_output=True)
     swtpm.flush_all()
-    return cryptsetup("luksDump", "--dump-json-metadata", image).stdout
+    return image
+
+
+@pytest.fixture(scope="session")
+def real_metadata(enrolled_image) -> bytes:
+    return cryptsetup("luksDump", "--dump-json-metadata", enrolled_image).stdout
 
 
 def read_like_reseal(raw: bytes) -> None:
@@ -114,16 +120,10 @@ def test_hostile_tables(real_metadata, data):
 
 
 @pytest.fixture(scope="session")
-def real_header_bytes(swtpm, tmp_path_factory) -> bytes:  # noqa: F811
-    """The first 2 x hdr_size bytes of a real image with a systemd-cryptenroll token: what
-    status reads from the device (formats/luks2_header.py)."""
-    if missing_tools(["cryptsetup", "systemd-cryptenroll"]):
-        pytest.skip("cryptsetup or systemd-cryptenroll is not installed")
-    image = make_luks2_image(str(tmp_path_factory.mktemp("fuzz-luks-header") / "disk.img"))
-    subprocess.run(["systemd-cryptenroll", f"--tpm2-device={swtpm.tcti}", "--tpm2-pcrs=4+7", image],
-                   env=dict(os.environ, PASSWORD=TEST_PASSPHRASE.decode()), check=True, capture_output=True)
-    swtpm.flush_all()
-    with open(image, "rb") as f:
+def real_header_bytes(enrolled_image) -> bytes:
+    """The first 2 x hdr_size bytes of the enrolled image: what status reads from the device
+    (formats/luks2_header.py)."""
+    with open(enrolled_image, "rb") as f:
         return f.read(2 * header_size(f.read(16), source=SOURCE))
 
 
