@@ -58,7 +58,10 @@ clean:
 # The RPM (noarch) from the sdist.  --nodeps: on Debian, rpm's database does not know
 # the build host's packages.  RPM_TOPDIR holds SOURCES, RPMS, SRPMS.
 RPM_TOPDIR ?= $(CURDIR)/build/rpm
+# Extra rpmbuild options, e.g. the e2e guest's (Debian's) Python path:
+#   make rpm RPM_DEFINES='--define "python3_sitelib /usr/lib/python3/dist-packages"'
+RPM_DEFINES ?=
 rpm: .venv/.installed
 	rm -rf $(RPM_TOPDIR) && mkdir -p $(RPM_TOPDIR)/SOURCES
 	.venv/bin/python -c 'import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])' $(RPM_TOPDIR)/SOURCES
-	rpmbuild -ba --nodeps --define "_topdir $(RPM_TOPDIR)" rpm/rhel-cvm-update.spec
+	rpmbuild -ba --nodeps --define "_topdir $(RPM_TOPDIR)" $(RPM_DEFINES) rpm/rhel-cvm-update.spec

@@ -151,9 +151,9 @@ def digest(*parts: object) -> str:
 # root file system
 
 
-def base_rootfs() -> Path:
-    """debootstrap --variant=minbase of GUEST_PACKAGES, cached by the package list."""
-    key = digest(SUITE, MIRROR, GUEST_PACKAGES)
+def base_rootfs(packages: Sequence[str] = GUEST_PACKAGES) -> Path:
+    """debootstrap --variant=minbase of ``packages``, cached by the package list."""
+    key = digest(SUITE, MIRROR, tuple(packages))
     tree = guest_cache() / ("rootfs-" + key)
     with locked(tree):
         if tree.is_dir():
@@ -163,7 +163,7 @@ def base_rootfs() -> Path:
         # debootstrap mounts /proc and /sys inside the target; a private mount namespace keeps
         # those mounts away from the host.
         run(["unshare", "-m", "--propagation", "private", "debootstrap", "--variant=minbase",
-             "--include=" + ",".join(GUEST_PACKAGES), SUITE, str(partial), MIRROR])
+             "--include=" + ",".join(packages), SUITE, str(partial), MIRROR])
         for leftover in ("proc", "sys"):
             if os.path.ismount(partial / leftover):
                 raise ImageError("debootstrap left %s mounted" % (partial / leftover))
@@ -325,13 +325,6 @@ def populate(tree: Path, ukis: Dict[str, Path]) -> None:
         target = site / source.relative_to(REPO_ROOT)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
-    local_site = tree / "usr/local/lib/python3.11/dist-packages"
-    local_site.mkdir(parents=True, exist_ok=True)
-    for path in venv_package_paths():
-        if path.is_dir():
-            shutil.copytree(path, local_site / path.name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copyfile(path, local_site / path.name)
     cli = tree / "usr/bin/rhel-cvm-update"
     cli.write_text(CLI_SCRIPT)
     cli.chmod(0o755)
@@ -344,8 +337,21 @@ def populate(tree: Path, ukis: Dict[str, Path]) -> None:
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text("# e2e guest: the LUKS2 volume is the data partition, not the root\n"
                       "luks_device: %s\nvendor: %s\n" % (LUKS_DEVICE, VENDOR))
+    install_harness(tree, ukis)
+    configure_data_volume(tree)
 
-    # The test agent.
+
+def install_harness(tree: Path, ukis: Dict[str, Path]) -> None:
+    """What every e2e guest has besides the product: tpm2-pytss and its dependencies (the
+    product's Python dependencies Debian 12 lacks), the test agent, fewer units, the recovery
+    passphrase and the UKIs the scenarios install."""
+    local_site = tree / "usr/local/lib/python3.11/dist-packages"
+    local_site.mkdir(parents=True, exist_ok=True)
+    for path in venv_package_paths():
+        if path.is_dir():
+            shutil.copytree(path, local_site / path.name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copyfile(path, local_site / path.name)
     agent = tree / "usr/local/sbin/e2e-agent"
     agent.parent.mkdir(parents=True, exist_ok=True)
     agent.write_text("#!/usr/bin/python3\n" + (HERE / "agent.py").read_text())
@@ -356,7 +362,18 @@ def populate(tree: Path, ukis: Dict[str, Path]) -> None:
         mask = tree / "etc/systemd/system" / unit
         if not mask.is_symlink():
             mask.symlink_to("/dev/null")
+    (tree / "boot/efi").mkdir(parents=True, exist_ok=True)
+    (tree / "etc/hostname").write_text("e2e-guest\n")
+    key = tree / RECOVERY_KEY_FILE.lstrip("/")
+    key.write_text(RECOVERY_PASSPHRASE)
+    key.chmod(0o600)
+    uki_dir = tree / GUEST_UKI_DIR.lstrip("/")
+    uki_dir.mkdir(parents=True, exist_ok=True)
+    for name, uki in ukis.items():
+        shutil.copyfile(uki, uki_dir / ("uki-%s.efi" % name))
 
+
+def configure_data_volume(tree: Path) -> None:
     # Mounts and the LUKS volume.  headless: never wait for a passphrase nobody types; nofail:
     # a volume that does not unlock leaves a running system the harness can inspect.
     (tree / "etc/fstab").write_text(
@@ -366,16 +383,7 @@ def populate(tree: Path, ukis: Dict[str, Path]) -> None:
         % (ROOT_DEVICE, DATA_MAPPING, DATA_MOUNT))
     (tree / "etc/crypttab").write_text("%s PARTLABEL=%s none tpm2-device=auto,headless=true,nofail\n"
                                        % (DATA_MAPPING, LUKS_PARTLABEL))
-    for directory in ("boot/efi", DATA_MOUNT.strip("/")):
-        (tree / directory).mkdir(parents=True, exist_ok=True)
-    (tree / "etc/hostname").write_text("e2e-guest\n")
-    key = tree / RECOVERY_KEY_FILE.lstrip("/")
-    key.write_text(RECOVERY_PASSPHRASE)
-    key.chmod(0o600)
-    uki_dir = tree / GUEST_UKI_DIR.lstrip("/")
-    uki_dir.mkdir(parents=True, exist_ok=True)
-    for name, uki in ukis.items():
-        shutil.copyfile(uki, uki_dir / ("uki-%s.efi" % name))
+    (tree / DATA_MOUNT.strip("/")).mkdir(parents=True, exist_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

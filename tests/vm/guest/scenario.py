@@ -113,13 +113,16 @@ class Machine:
                 facts["entries"][line[4:8]] = data[0::2].rstrip(".").replace("\\", "/")
         return facts
 
+    luks_device = LUKS_DEVICE
+
+    def luks_metadata(self) -> Dict[str, object]:
+        return json.loads(self.vm.check(["cryptsetup", "luksDump", "--dump-json-metadata", self.luks_device]).stdout)
+
     def luks_tokens(self) -> Dict[str, Dict[str, object]]:
-        meta = json.loads(self.vm.check(["cryptsetup", "luksDump", "--dump-json-metadata", LUKS_DEVICE]).stdout)
-        return {k: v for k, v in meta["tokens"].items() if v.get("type") == "systemd-tpm2"}
+        return {k: v for k, v in self.luks_metadata()["tokens"].items() if v.get("type") == "systemd-tpm2"}
 
     def luks_keyslots(self) -> List[str]:
-        meta = json.loads(self.vm.check(["cryptsetup", "luksDump", "--dump-json-metadata", LUKS_DEVICE]).stdout)
-        return sorted(meta["keyslots"])
+        return sorted(self.luks_metadata()["keyslots"])
 
     def status(self) -> Dict[str, object]:
         result = self.vm.run(["rhel-cvm-update", "status", "--json"])

@@ -14,7 +14,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from tests import realbins
 from tests.vm import capture
@@ -22,10 +22,16 @@ from tests.vm.guest.image import AGENT_PORT, GuestImage
 
 BOOT_TIMEOUT_SECONDS = 420
 MEMORY_MIB = 1024
+# What systemd-cryptsetup's console agent prints when no token unlocks a volume (systemd 252).
+PASSPHRASE_PROMPT = "Please enter passphrase for disk"
 
 
 class GuestError(AssertionError):
     """The guest did not do what the scenario needs (an assertion, so pytest shows it as a failure)."""
+
+
+class PassphraseAsked(GuestError):
+    """The boot stopped at a passphrase prompt on the console: no token unlocked the volume."""
 
 
 @dataclass
@@ -63,6 +69,7 @@ class GuestVm:
     _agent: Optional[socket.socket] = None
     _pending: bytes = b""
     _next_id: int = 1
+    _serial_mark: Tuple[Path, int] = (Path("/nonexistent"), 0)   # console log and offset where this boot began
 
     # -- machine --------------------------------------------------------------------------
 
@@ -81,8 +88,8 @@ class GuestVm:
             init_tpm(work / "tpm")
         return cls(image=image, work=work, secure_boot=secure_boot)
 
-    def start(self) -> None:
-        """Power on: swtpm, QEMU, agent connection; waits for the first boot."""
+    def start(self, wait: bool = True) -> None:
+        """Power on: swtpm, QEMU, agent connection; waits for the first boot unless ``wait`` is False."""
         if self._qemu is not None:
             raise GuestError("already running")
         sock = self.work / "swtpm.sock"
@@ -94,12 +101,16 @@ class GuestVm:
         wait_for(sock.exists, 10, "swtpm did not create its socket")
         agent_sock = self.work / "agent.sock"
         agent_sock.unlink(missing_ok=True)
+        self._console_socket.unlink(missing_ok=True)
         serial = self.work / ("serial-%d.log" % (len(self.serial_logs) + 1))
         self.serial_logs.append(serial)
         code = capture.OVMF_DIR / ("OVMF_CODE_4M.secboot.fd" if self.secure_boot else "OVMF_CODE_4M.fd")
         argv = ["qemu-system-x86_64", "-machine", "q35,smm=on" if self.secure_boot else "q35",
                 "-accel", "tcg", "-m", str(MEMORY_MIB), "-smp", "1", "-nodefaults", "-display", "none",
-                "-net", "none", "-serial", "file:" + str(serial),
+                "-net", "none",
+                # The console is a socket (to answer a passphrase prompt) logged to a file.
+                "-chardev", "socket,id=console,path=%s,server=on,wait=off,logfile=%s" % (self._console_socket, serial),
+                "-serial", "chardev:console",
                 "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=" + str(code),
                 "-drive", "if=pflash,format=raw,unit=1,file=" + str(self.work / "vars.fd"),
                 "-drive", "if=none,id=disk,format=qcow2,file=" + str(self.work / "disk.qcow2"),
@@ -116,7 +127,46 @@ class GuestVm:
         self._agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._agent.connect(str(agent_sock))
         self._pending = b""
-        self.wait_boot(None)
+        self._serial_mark = (serial, 0)
+        if wait:
+            self.wait_boot(None)
+
+    @property
+    def _console_socket(self) -> Path:
+        return self.work / "console.sock"
+
+    def console_since_boot(self) -> str:
+        """What the console printed since this boot began (power-on, reboot) or was last answered."""
+        log, offset = self._serial_mark
+        if not log.exists():
+            return ""
+        with open(log, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+
+    def _mark_boot(self) -> None:
+        log = self.serial_logs[-1]
+        self._serial_mark = (log, log.stat().st_size if log.exists() else 0)
+
+    def wait_console(self, text: str, timeout: float = BOOT_TIMEOUT_SECONDS) -> None:
+        """Wait until the console of this boot shows ``text``."""
+        wait_for(lambda: text in self.console_since_boot() or not self.running(), timeout,
+                 "the console did not show %r within %d s; serial: %s" % (text, timeout, self.serial_tail()))
+        if text not in self.console_since_boot():
+            raise GuestError("QEMU exited before the console showed %r; serial: %s" % (text, self.serial_tail()))
+
+    def type_on_console(self, line: str) -> None:
+        """Type a line on the serial console (as an admin answering a prompt), then hang up, so
+        that QEMU never blocks on console output nobody reads."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as console:
+            console.connect(str(self._console_socket))
+            # One character at a time: the emulated 16550 has a 16-byte FIFO and no flow
+            # control, so a TCG guest busy elsewhere drops what arrives faster.
+            for char in line.encode() + b"\n":
+                console.sendall(bytes([char]))
+                time.sleep(0.05)
+        # The prompt is answered: a later one means this answer was refused.
+        self._mark_boot()
 
     def running(self) -> bool:
         return self._qemu is not None and self._qemu.poll() is None
@@ -172,6 +222,9 @@ class GuestVm:
                 raise GuestError("QEMU exited while waiting for a boot; serial: %s" % self.serial_tail())
             if time.monotonic() > deadline:
                 raise GuestError("no new boot within %d s; serial: %s" % (timeout, self.serial_tail()))
+            if PASSPHRASE_PROMPT in self.console_since_boot():
+                raise PassphraseAsked("the boot asks for a passphrase: no token unlocked the volume; serial: %s"
+                                      % self.serial_tail())
             reply = self.request({"op": "ping"}, timeout=3, expect_boot=None)
             if reply is not None and reply["boot_id"] != previous:
                 break
@@ -182,10 +235,11 @@ class GuestVm:
         record.seconds = round(time.monotonic() - started, 1)
         return record
 
-    def reboot(self) -> BootRecord:
+    def reboot(self, wait: bool = True) -> Optional[BootRecord]:
         previous = self.boot_id
+        self._mark_boot()
         self.send({"op": "run", "argv": ["systemctl", "reboot"], "timeout": 30})
-        return self.wait_boot(previous)
+        return self.wait_boot(previous) if wait else None
 
     def expect_reset(self, previous: str, timeout: float = BOOT_TIMEOUT_SECONDS) -> BootRecord:
         """Wait for the machine to come back by itself (a panicking kernel resets it)."""

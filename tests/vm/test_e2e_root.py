@@ -1,0 +1,117 @@
+"""e2e on the RHEL-like root guest (issue 15): the LUKS2 **root** unlocked in the initrd.
+
+OVMF + swtpm + Debian's shim + UKIs of systemd-stub 252 and a dracut initramfs, no root= on the
+command line: systemd-gpt-auto-generator finds the root by its type GUID and systemd-cryptsetup
+252 unlocks it with the systemd-tpm2 token (tests/vm/guest/rootimage.py).  The product was
+installed from its RPM in the guest and the first token enrolled by systemd-cryptenroll at the
+first boot, with the passphrase typed on the console (tests/vm/guest/rootfirstboot.py).
+
+Every fact comes from outside the product: the console (a passphrase prompt means no token
+unlocked the root), findmnt and cryptsetup status for the root's mapping, /proc/cmdline for
+the kernel, efibootmgr for the variables, luksDump for tokens.
+"""
+
+import pytest
+
+from tests.vm.guest.rootfirstboot import ROOT_MARKER_FILE, enrolled_root_snapshot
+from tests.vm.guest.rootimage import ROOT_LUKS_DEVICE, ROOT_MAPPING, RootImage, build_root_image, initramfs_listing
+from tests.vm.guest.scenario import (CONFIRM_SERVICE, PATH_UNIT, Machine, e2e_table,  # noqa: F401
+                                     entry_for, require_prerequisites)
+from tests.vm.guest.vm import PASSPHRASE_PROMPT, PassphraseAsked
+
+pytestmark = [pytest.mark.vm, pytest.mark.root]
+
+
+class RootMachine(Machine):
+    luks_device = ROOT_LUKS_DEVICE
+
+    def assert_unlocked(self, uki: str) -> None:
+        """This boot runs ``uki``, its root is the LUKS2 mapping the initrd opened, nobody typed a
+        passphrase (wait_boot fails at a prompt) and the root is the snapshot's."""
+        booted = self.booted_uki()
+        assert booted == uki, "booted UKI %s, expected %s" % (booted, uki)
+        assert PASSPHRASE_PROMPT not in self.vm.console_since_boot()
+        source = self.vm.check(["findmnt", "-n", "-o", "SOURCE", "/"]).stdout.strip()
+        assert source == "/dev/mapper/" + ROOT_MAPPING, "the root is %s, not the LUKS2 mapping" % source
+        status = self.vm.check(["cryptsetup", "status", ROOT_MAPPING]).stdout
+        assert "type:    LUKS2" in status and "/dev/vda2" in status, status
+        assert self.vm.check(["cat", ROOT_MARKER_FILE]).stdout == self.snapshot.marker
+
+
+def root_machine(tmp_path, secure_boot: bool = False):
+    require_prerequisites()
+    image = build_root_image()
+    return image, RootMachine(image, enrolled_root_snapshot(image, secure_boot), tmp_path / "vm")
+
+
+def test_initramfs_is_dracuts_with_the_token_plugin(tmp_path):
+    require_prerequisites()
+    image: RootImage = build_root_image()
+    listing = initramfs_listing(image, "a")
+    for needed in ("usr/lib/x86_64-linux-gnu/cryptsetup/libcryptsetup-token-systemd-tpm2.so",
+                   "usr/lib/systemd/system-generators/systemd-gpt-auto-generator",
+                   "usr/lib/systemd/systemd-cryptsetup", "usr/bin/dracut-cmdline"):
+        assert needed in listing, "%s is not in uki-a's initramfs" % needed
+
+
+def test_root_unlocks_in_the_initrd_and_an_unsealed_uki_asks(tmp_path, e2e_table):  # noqa: F811
+    image, machine = root_machine(tmp_path)
+    vm = machine.vm
+    try:
+        with e2e_table.scenario(machine, "root: unchanged kernel unlocks in the initrd"):
+            vm.start()
+            machine.assert_unlocked("a")
+            assert [t["tpm2-pcrs"] for t in machine.luks_tokens().values()] == [[4, 7]]
+            assert vm.check(["rpm", "-q", "rhel-cvm-update"]).stdout.startswith("rhel-cvm-update-")
+        with e2e_table.scenario(machine, "root: negative control, unsealed UKI asks for the passphrase"):
+            # UKI B through a hand-made entry, the product stopped: no token was sealed for it.
+            vm.check(["systemctl", "disable", "--now", PATH_UNIT])
+            vm.check(["mkdir", "-p", "/boot/efi/EFI/e2e"])
+            vm.check(["cp", image.guest_uki("b"), "/boot/efi/EFI/e2e/uki-b.efi"])
+            vm.check(["python3", "-c", "import sys; open('/run/optional-data', 'wb').write("
+                      "sys.argv[1].encode('utf-16-le') + bytes(2))", "\\EFI\\e2e\\uki-b.efi"])
+            vm.check(["efibootmgr", "-c", "-d", "/dev/vda", "-p", "1", "-l", "\\EFI\\redhat\\shimx64.efi",
+                      "-L", "e2e negative control", "-@", "/run/optional-data"])
+            vm.check(["sync"])
+            vm.reboot(wait=False)
+            vm.wait_console(PASSPHRASE_PROMPT)
+            assert "rhel_cvm_update.uki=b" in vm.console_since_boot()
+            vm.power_cut()
+    finally:
+        machine.close()
+
+
+def test_root_kernel_update_from_an_rpm(tmp_path, e2e_table):  # noqa: F811
+    image, machine = root_machine(tmp_path)
+    vm = machine.vm
+    try:
+        with e2e_table.scenario(machine, "root: kernel update from an RPM, root unlocks, confirm"):
+            vm.start()
+            machine.assert_unlocked("a")
+            old_entry = machine.efibootmgr()["BootCurrent"]
+            # The package's file trigger runs the product's hook (rhel-cvm-update update) in the
+            # rpm transaction; the path unit may fire as well and finds nothing left to do.
+            installed = vm.check(["rpm", "-i", "--nodeps", image.guest_rpm("b")], timeout=600)
+            machine.wait_update_idle()
+            status = machine.status()
+            assert status["exit_code"] == 0, (status["attention"], installed.stderr)
+            assert status["next_boot"]["will_unlock"] and status["next_boot"]["uki"].endswith("uki-b.efi")
+            facts = machine.efibootmgr()
+            new_entry = entry_for(facts, "b")
+            assert new_entry is not None and facts["BootNext"] == new_entry, facts
+            assert len(machine.luks_tokens()) == 2
+            try:
+                vm.reboot()
+            except PassphraseAsked:
+                pytest.fail("the root did not unlock with the token sealed for uki-b: %s" % vm.serial_tail())
+            machine.assert_unlocked("b")
+            assert machine.efibootmgr()["BootCurrent"] == new_entry
+            confirm = machine.unit_state(CONFIRM_SERVICE)
+            assert confirm["Result"] == "success" and confirm["ExecMainStatus"] == "0", confirm
+            machine.wait_update_idle()
+            facts = machine.efibootmgr()
+            assert facts["BootOrder"][0] == new_entry and old_entry in facts["entries"], facts
+            chains = {c["uki"].rsplit("/", 1)[-1]: c["status"] for c in machine.status()["chains"]}
+            assert chains == {"uki-b.efi": "booted", "uki-a.efi": "previous"}, chains
+    finally:
+        machine.close()
