@@ -15,7 +15,7 @@ import pytest
 
 from tests.vm.guest.rootfirstboot import ROOT_MARKER_FILE, enrolled_root_snapshot
 from tests.vm.guest.rootimage import ROOT_LUKS_DEVICE, ROOT_MAPPING, RootImage, build_root_image, initramfs_listing
-from tests.vm.guest.scenario import (CONFIRM_SERVICE, PATH_UNIT, Machine, e2e_table,  # noqa: F401
+from tests.vm.guest.scenario import (CONFIRM_SERVICE, ESP_LINUX, PATH_UNIT, Machine, e2e_table,  # noqa: F401
                                      entry_for, require_prerequisites)
 from tests.vm.guest.vm import PASSPHRASE_PROMPT, PassphraseAsked
 
@@ -113,5 +113,21 @@ def test_root_kernel_update_from_an_rpm(tmp_path, e2e_table):  # noqa: F811
             assert facts["BootOrder"][0] == new_entry and old_entry in facts["entries"], facts
             chains = {c["uki"].rsplit("/", 1)[-1]: c["status"] for c in machine.status()["chains"]}
             assert chains == {"uki-b.efi": "booted", "uki-a.efi": "previous"}, chains
+        with e2e_table.scenario(machine, "root: then the old kernel removed, root still unlocks"):
+            tokens_before = machine.luks_tokens()
+            vm.check(["rm", ESP_LINUX + "/uki-a.efi"])
+            machine.wait_update("the path unit to remove uki-a's chain",
+                                lambda: all(not c["uki"].endswith("uki-a.efi") for c in machine.status()["chains"]))
+            tokens = machine.luks_tokens()
+            assert len(tokens) == len(tokens_before) - 1, "uki-a's token is still there: %r" % tokens
+            facts = machine.efibootmgr()
+            assert old_entry not in facts["entries"], "Boot%s (uki-a) is still there: %r" % (old_entry, facts)
+            status = machine.status()
+            assert status["exit_code"] == 0, status["attention"]
+            booted_tokens = [t for t in status["tokens"] if t["matches_current_boot"]]
+            assert len(booted_tokens) == 1 and str(booted_tokens[0]["token"]) in tokens
+            vm.reboot()
+            machine.assert_unlocked("b")
+            assert machine.efibootmgr()["BootCurrent"] == new_entry
     finally:
         machine.close()

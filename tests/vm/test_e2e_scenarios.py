@@ -7,8 +7,9 @@ ESP, rhel-cvm-update.service runs `update --settle 10`, rhel-cvm-update-confirm.
 (systemctl, efibootmgr, /proc/cmdline, cryptsetup luksDump) and the product's `status --json`
 is checked against them.
 
-1 kernel update, 4 kernel removal (continues on the same machine), 2 failed kernel, 3 power cuts,
-5 Secure Boot on.  The module prints a table of scenarios with firmware boots and seconds.
+2 failed kernel, 3 power cuts, 5 Secure Boot on.  Scenarios 1 (kernel update) and 4 (kernel
+removal) run on the root guest instead (tests/vm/test_e2e_root.py).  The module prints a table
+of scenarios with firmware boots and seconds.
 """
 
 import base64
@@ -16,7 +17,7 @@ import subprocess
 
 import pytest
 
-from tests.vm.guest.scenario import (CONFIRM_SERVICE, ESP_LINUX, PATH_UNIT, Machine, e2e_table,  # noqa: F401
+from tests.vm.guest.scenario import (CONFIRM_SERVICE, PATH_UNIT, Machine, e2e_table,  # noqa: F401
                                      entry_for, image_and_snapshot, require_prerequisites)
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
@@ -36,7 +37,7 @@ def staged_uki(machine: Machine):
 
 
 def kernel_update(machine: Machine, old: str, new: str) -> str:
-    """Scenario 1 on a running machine booted from ``old``; returns the new UKI's Boot####."""
+    """A kernel update on a running machine booted from ``old``; returns the new UKI's Boot####."""
     old_entry = machine.efibootmgr()["BootCurrent"]
     path = machine.install_uki(new)
     machine.wait_update("the path unit to stage %s" % path, lambda: staged_uki(machine) == path)
@@ -67,48 +68,6 @@ def kernel_update(machine: Machine, old: str, new: str) -> str:
     # keep_previous = 1 (the default): the old chain stays as the fallback, its entry and token too.
     assert chains == {"uki-%s.efi" % new: "booted", "uki-%s.efi" % old: "previous"}, chains
     return new_entry
-
-
-@pytest.fixture(scope="module")
-def update_machine(tmp_path_factory):
-    require_prerequisites()
-    image, snapshot = image_and_snapshot(secure_boot=False)
-    machine = Machine(image, snapshot, tmp_path_factory.mktemp("e2e-update"))
-    yield machine
-    machine.close()
-
-
-def test_1_kernel_update(update_machine, e2e_table):  # noqa: F811
-    machine = update_machine
-    with e2e_table.scenario(machine, "1 kernel update (SB off)"):
-        machine.vm.start()
-        machine.assert_unlocked("a")
-        machine.kernel_update_entry = kernel_update(machine, "a", "b")
-
-
-def test_4_kernel_removal(update_machine, e2e_table):  # noqa: F811
-    machine = update_machine
-    with e2e_table.scenario(machine, "1+4 kernel update, then the old kernel removed"):
-        new_entry = getattr(machine, "kernel_update_entry", None)
-        assert new_entry is not None, "scenario 1 did not leave the machine updated"
-        tokens_before = machine.luks_tokens()
-        old_entry = entry_for(machine.efibootmgr(), "a")
-        assert old_entry is not None
-        machine.vm.check(["rm", ESP_LINUX + "/uki-a.efi"])
-        machine.wait_update("the path unit to remove uki-a's chain",
-                            lambda: all(not c["uki"].endswith("uki-a.efi") for c in machine.status()["chains"]))
-        tokens = machine.luks_tokens()
-        assert len(tokens) == len(tokens_before) - 1, "uki-a's token is still there: %r" % tokens
-        facts = machine.efibootmgr()
-        assert old_entry not in facts["entries"], "Boot%s (uki-a) is still there: %r" % (old_entry, facts)
-        assert facts["BootCurrent"] == new_entry and facts["BootOrder"][0] == new_entry
-        status = machine.status()
-        assert status["exit_code"] == 0, status["attention"]
-        booted_tokens = [t for t in status["tokens"] if t["matches_current_boot"]]
-        assert len(booted_tokens) == 1 and str(booted_tokens[0]["token"]) in tokens
-        machine.vm.reboot()
-        machine.assert_unlocked("b")
-        assert machine.efibootmgr()["BootCurrent"] == new_entry
 
 
 def test_2_failed_kernel(tmp_path, e2e_table):  # noqa: F811
