@@ -16,10 +16,13 @@ import pytest
 from tests.vm.guest.rootfirstboot import ROOT_MARKER_FILE, enrolled_root_snapshot
 from tests.vm.guest.rootimage import ROOT_LUKS_DEVICE, ROOT_MAPPING, RootImage, build_root_image, initramfs_listing
 from tests.vm.guest.scenario import (CONFIRM_SERVICE, ESP_LINUX, PATH_UNIT, Machine, e2e_table,  # noqa: F401
-                                     entry_for, require_prerequisites)
+                                     entry_for, require_prerequisites, staged_uki)
 from tests.vm.guest.vm import PASSPHRASE_PROMPT, PassphraseAsked
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
+
+CRASH_ENV = "RHEL_CVM_UPDATE_CRASH_AT"
+SIGKILL_RC = -9
 
 
 class RootMachine(Machine):
@@ -129,5 +132,67 @@ def test_root_kernel_update_from_an_rpm(tmp_path, e2e_table):  # noqa: F811
             vm.reboot()
             machine.assert_unlocked("b")
             assert machine.efibootmgr()["BootCurrent"] == new_entry
+    finally:
+        machine.close()
+
+
+def test_root_failed_kernel_falls_back(tmp_path, e2e_table):  # noqa: F811
+    image, machine = root_machine(tmp_path)
+    try:
+        with e2e_table.scenario(machine, "root: failed kernel (panic in the initrd, old kernel)"):
+            machine.vm.start()
+            machine.assert_unlocked("a")
+            old_entry = machine.efibootmgr()["BootCurrent"]
+            path = machine.install_uki("bad")
+            machine.wait_update("the path unit to stage %s" % path, lambda: staged_uki(machine) == path)
+            bad_entry = entry_for(machine.efibootmgr(), "bad")
+            assert machine.efibootmgr()["BootNext"] == bad_entry
+            # The bad UKI's kernel finds no init in its initramfs and panics, panic=5 resets the
+            # VM and the firmware (BootNext consumed) boots BootOrder's first entry: the old kernel.
+            machine.vm.reboot()
+            serial = machine.vm.serial_text()
+            assert "rhel_cvm_update.uki=bad" in serial and "Kernel panic - not syncing" in serial
+            machine.assert_unlocked("a")
+            facts = machine.efibootmgr()
+            assert facts["BootCurrent"] == old_entry and facts["BootOrder"][0] == old_entry
+            status = machine.status()
+            assert status["trial_failed"] and "uki-bad.efi" in str(status["trial_failed"]), status["trial_failed"]
+            assert any("uki-bad.efi" in a for a in status["attention"]), status["attention"]
+            assert status["next_boot"]["will_unlock"] and status["next_boot"]["uki"].endswith("uki-a.efi")
+    finally:
+        machine.close()
+
+
+POWER_CUTS = ("seal:inside",   # the keyslot is added, no token names it yet
+              "seal:after",    # keyslot + token written
+              "stage:inside")  # the Boot#### entry written, BootNext not yet
+
+
+def test_root_power_cuts(tmp_path, e2e_table):  # noqa: F811
+    image, machine = root_machine(tmp_path)
+    vm = machine.vm
+    try:
+        with e2e_table.scenario(machine, "root: power cuts at %s" % ", ".join(POWER_CUTS)):
+            vm.start()
+            machine.assert_unlocked("a")
+            # Here the harness runs update itself (with the fault-injection hook), not the path unit.
+            vm.check(["systemctl", "disable", "--now", PATH_UNIT])
+            machine.install_uki("b")
+            for point in POWER_CUTS:
+                killed = vm.run(["rhel-cvm-update", "update"], env={CRASH_ENV: point}, timeout=300)
+                assert killed.rc == SIGKILL_RC, "update did not reach %s: rc=%d %s" % (point, killed.rc, killed.stderr)
+                vm.power_cut()
+                vm.start()
+                machine.assert_unlocked("a")
+            done = vm.check(["rhel-cvm-update", "update", "--json"], timeout=300).json()
+            assert done["staged"] and done["staged"]["uki"].endswith("uki-b.efi"), done
+            status = machine.status()
+            assert status["exit_code"] == 0 and status["pending"] is None, status
+            tokens = machine.luks_tokens()
+            assert len(tokens) == 2, tokens
+            referenced = {s for t in tokens.values() for s in t["keyslots"]}
+            assert set(machine.luks_keyslots()) == referenced | {"0"}, "a keyslot no token names was left behind"
+            vm.reboot()
+            machine.assert_unlocked("b")
     finally:
         machine.close()

@@ -7,7 +7,7 @@ ESP, rhel-cvm-update.service runs `update --settle 10`, rhel-cvm-update-confirm.
 (systemctl, efibootmgr, /proc/cmdline, cryptsetup luksDump) and the product's `status --json`
 is checked against them.
 
-2 failed kernel, 3 power cuts, 5 Secure Boot on.  Scenarios 1 (kernel update) and 4 (kernel
+5 Secure Boot on.  Scenarios 1 (kernel update), 2 (failed kernel), 3 (power cuts) and 4 (kernel
 removal) run on the root guest instead (tests/vm/test_e2e_root.py).  The module prints a table
 of scenarios with firmware boots and seconds.
 """
@@ -17,23 +17,15 @@ import subprocess
 
 import pytest
 
-from tests.vm.guest.scenario import (CONFIRM_SERVICE, PATH_UNIT, Machine, e2e_table,  # noqa: F401
+from tests.vm.guest.scenario import (CONFIRM_SERVICE, Machine, e2e_table, staged_uki,  # noqa: F401
                                      entry_for, image_and_snapshot, require_prerequisites)
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
-
-CRASH_ENV = "RHEL_CVM_UPDATE_CRASH_AT"
-SIGKILL_RC = -9
-
 
 def csv_names(machine: Machine) -> str:
     """BOOTX64.CSV as text (UCS-2 with BOM), decoded in the guest."""
     return machine.vm.check(["python3", "-c", "print(open('/boot/efi/EFI/redhat/BOOTX64.CSV', 'rb')"
                                               ".read().decode('utf-16'))"]).stdout
-
-
-def staged_uki(machine: Machine):
-    return (machine.status().get("staged") or {}).get("uki")
 
 
 def kernel_update(machine: Machine, old: str, new: str) -> str:
@@ -68,71 +60,6 @@ def kernel_update(machine: Machine, old: str, new: str) -> str:
     # keep_previous = 1 (the default): the old chain stays as the fallback, its entry and token too.
     assert chains == {"uki-%s.efi" % new: "booted", "uki-%s.efi" % old: "previous"}, chains
     return new_entry
-
-
-def test_2_failed_kernel(tmp_path, e2e_table):  # noqa: F811
-    require_prerequisites()
-    image, snapshot = image_and_snapshot(secure_boot=False)
-    machine = Machine(image, snapshot, tmp_path / "vm")
-    try:
-        with e2e_table.scenario(machine, "2 failed kernel (panic, reset, old kernel)"):
-            machine.vm.start()
-            machine.assert_unlocked("a")
-            old_entry = machine.efibootmgr()["BootCurrent"]
-            path = machine.install_uki("bad")
-            machine.wait_update("the path unit to stage %s" % path, lambda: staged_uki(machine) == path)
-            bad_entry = entry_for(machine.efibootmgr(), "bad")
-            assert machine.efibootmgr()["BootNext"] == bad_entry
-            # The bad UKI's initramfs finds no root, the kernel panics, panic=5 resets the VM and
-            # the firmware (BootNext consumed) boots BootOrder's first entry: the old kernel.
-            machine.vm.reboot()
-            assert "initrd: cannot mount the root file system '/dev/vda9'" in machine.vm.serial_text()
-            machine.assert_unlocked("a")
-            facts = machine.efibootmgr()
-            assert facts["BootCurrent"] == old_entry and facts["BootOrder"][0] == old_entry
-            status = machine.status()
-            assert status["trial_failed"] and "uki-bad.efi" in str(status["trial_failed"]), status["trial_failed"]
-            assert any("uki-bad.efi" in a for a in status["attention"]), status["attention"]
-            assert status["next_boot"]["will_unlock"] and status["next_boot"]["uki"].endswith("uki-a.efi")
-    finally:
-        machine.close()
-
-
-POWER_CUTS = ("seal:inside",   # the keyslot is added, no token names it yet
-              "seal:after",    # keyslot + token written
-              "stage:inside")  # the Boot#### entry written, BootNext not yet
-
-
-def test_3_power_cuts(tmp_path, e2e_table):  # noqa: F811
-    require_prerequisites()
-    image, snapshot = image_and_snapshot(secure_boot=False)
-    machine = Machine(image, snapshot, tmp_path / "vm")
-    vm = machine.vm
-    try:
-        with e2e_table.scenario(machine, "3 power cuts at %s" % ", ".join(POWER_CUTS)):
-            vm.start()
-            machine.assert_unlocked("a")
-            # Here the harness runs update itself (with the fault-injection hook), not the path unit.
-            vm.check(["systemctl", "disable", "--now", PATH_UNIT])
-            machine.install_uki("b")
-            for point in POWER_CUTS:
-                killed = vm.run(["rhel-cvm-update", "update"], env={CRASH_ENV: point}, timeout=300)
-                assert killed.rc == SIGKILL_RC, "update did not reach %s: rc=%d %s" % (point, killed.rc, killed.stderr)
-                vm.power_cut()
-                vm.start()
-                machine.assert_unlocked("a")
-            done = vm.check(["rhel-cvm-update", "update", "--json"], timeout=300).json()
-            assert done["staged"] and done["staged"]["uki"].endswith("uki-b.efi"), done
-            status = machine.status()
-            assert status["exit_code"] == 0 and status["pending"] is None, status
-            tokens = machine.luks_tokens()
-            assert len(tokens) == 2, tokens
-            referenced = {s for t in tokens.values() for s in t["keyslots"]}
-            assert set(machine.luks_keyslots()) == referenced | {"0"}, "a keyslot no token names was left behind"
-            vm.reboot()
-            machine.assert_unlocked("b")
-    finally:
-        machine.close()
 
 
 def test_5_secure_boot_kernel_update(tmp_path, e2e_table):  # noqa: F811

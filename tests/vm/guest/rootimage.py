@@ -14,8 +14,9 @@ systemd-cryptsetup unlocks it with the LUKS2 token through the systemd-tpm2 toke
 
     a    linux-image-cloud-amd64 (the installed kernel)
     b    linux-image-amd64 (the update), delivered as the RPM kernel-uki-virt-b
-    bad  the cloud kernel whose initramfs init is /usr/bin/false: the kernel panics in the
-         initrd ("Attempted to kill init") and panic=5 resets the VM; RPM kernel-uki-virt-bad
+    bad  the cloud kernel told to run an init its initramfs lacks (rdinit=): the kernel finds
+         no init in the initramfs, has no root= to fall back to and panics ("VFS: Unable to
+         mount root fs"); panic=5 resets the VM; RPM kernel-uki-virt-bad
 
 The root is encrypted offline (``cryptsetup reencrypt --encrypt`` on the partition image: no
 device-mapper on the host) with the recovery passphrase only; the first boot
@@ -28,7 +29,6 @@ import json
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict
 
@@ -53,8 +53,8 @@ DRACUT_MODULES = ("systemd", "systemd-initrd", "systemd-ask-password", "dracut-s
 DRACUT_DRIVERS = ("virtio_pci", "virtio_blk", "dm_crypt", "ext4", "crc32c_generic")
 # No root=: gpt-auto finds the root.  rw: gpt-auto mounts the root read-only otherwise.
 CMDLINE = "console=ttyS0,115200 rw panic=5 rhel_cvm_update.uki=%s"
-# The initramfs's init exits at once, so the kernel panics in the initrd.
-BAD_CMDLINE_EXTRA = " rdinit=/usr/bin/false"
+# An init the initramfs does not have: the kernel panics before the initrd's systemd starts.
+BAD_CMDLINE_EXTRA = " rdinit=/sbin/no-such-init"
 ROOT_PARTLABEL = "root"
 ROOT_LUKS_DEVICE = "/dev/disk/by-partlabel/" + ROOT_PARTLABEL
 # The name systemd-gpt-auto-generator gives the root's mapping (systemd-cryptsetup@root.service).
@@ -65,9 +65,8 @@ ESP_MIB = 160
 GUEST_RPM_DIR = "/root/rpms"
 
 
-@dataclass(frozen=True)
 class RootImage(GuestImage):
-    kernel_rpms: Dict[str, Path]   # kernel-uki-virt-<name> RPMs on the host, also in GUEST_RPM_DIR
+    """The root guest's image; its kernel-update RPMs are in the guest's GUEST_RPM_DIR."""
 
     @staticmethod
     def guest_rpm(name: str) -> str:
@@ -193,8 +192,7 @@ def build_root_image() -> RootImage:
                      releases={n: k.release for n, k in kernels.items()},
                      db_key=directory / "keys/db.key", db_cert=directory / "keys/db.crt",
                      vars_sb_off=directory / "vars-sb-off.fd", vars_sb_on=directory / "vars-sb-on.fd",
-                     boot_entry=record["boot_entry"],
-                     kernel_rpms={n: directory / kernel_rpm_name(n) for n in KERNELS if n != "a"})
+                     boot_entry=record["boot_entry"])
 
 
 def _build(directory: Path, base: Path, kernels: Dict[str, realbins.KernelPackage]) -> None:

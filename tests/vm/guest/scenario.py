@@ -216,6 +216,11 @@ def image_and_snapshot(secure_boot: bool):
     return image, enrolled_snapshot(image, secure_boot)
 
 
+def staged_uki(machine: Machine) -> Optional[str]:
+    """The UKI the product staged for the next boot, by its own status."""
+    return (machine.status().get("staged") or {}).get("uki")
+
+
 def entry_for(facts: Dict[str, object], uki: str) -> Optional[str]:
     """The Boot#### number whose optional data names /EFI/Linux/uki-<uki>.efi."""
     for number, path in facts["entries"].items():
