@@ -17,6 +17,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Dict
 
 from tests.vm.guest.image import (DATA_MAPPING, DATA_MOUNT, LUKS_DEVICE, RECOVERY_KEY_FILE, GuestImage,
                                   locked)
@@ -80,12 +81,17 @@ def _first_boot(image: GuestImage, secure_boot: bool, directory: Path) -> None:
     except BaseException:
         vm.close()
         raise
+    save_snapshot(work, directory, {"marker": marker, "first_boot_seconds": seconds})
+
+
+def save_snapshot(work: Path, directory: Path, record: Dict[str, object]) -> None:
+    """Keep the powered-off machine of ``work`` (disk overlay, UEFI variables, TPM state) as a
+    snapshot; snapshot.json, written last, marks it complete."""
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir()
-    shutil.move(str(work / "disk.qcow2"), directory / "disk.qcow2")
-    shutil.move(str(work / "vars.fd"), directory / "vars.fd")
-    shutil.move(str(work / "tpm"), directory / "tpm")
-    (directory / "snapshot.json").write_text(json.dumps({"marker": marker, "first_boot_seconds": seconds}))
+    for name in ("disk.qcow2", "vars.fd", "tpm"):
+        shutil.move(str(work / name), directory / name)
+    (directory / "snapshot.json").write_text(json.dumps(record))
     shutil.rmtree(work, ignore_errors=True)
 
 

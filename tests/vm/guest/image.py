@@ -40,7 +40,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence
+from typing import Callable, Dict, Iterator, List, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 if str(REPO_ROOT) not in sys.path:
@@ -542,6 +542,28 @@ def prune_stale_images(current: Path) -> None:
             Path(str(other) + ".lock").unlink(missing_ok=True)
 
 
+def finish_image(directory: Path, work: Path, tree: Path, base: Path, kernels: Dict[str, realbins.KernelPackage],
+                 ukis: Dict[str, Path], db_cert: Path,
+                 make: Callable[[Path, Path, Dict[str, Path]], Path]) -> None:
+    """The steps after the tree is complete, shared by both guests: the ESP's files (shim,
+    BOOTX64.CSV, uki-a), the disk ``make`` lays out, Boot0007 and both OVMF variable stores,
+    then image.json (its presence marks the image complete)."""
+    description = ENTRY_DESCRIPTION % kernels["a"].release
+    csv = work / "BOOTX64.CSV"
+    csv.write_bytes(csv_text(description, GuestImage.esp_path("a")))
+    esp_files = {capture.SHIM_ESP_PATH: capture.SHIM_SIGNED,
+                 "\\EFI\\%s\\BOOTX64.CSV" % VENDOR: csv,
+                 GuestImage.esp_path("a"): ukis["a"]}
+    disk = make(work, tree, esp_files)
+    boot_entry = make_boot_entry(disk, work, description, GuestImage.esp_path("a"))
+    capture.make_vars(capture.OVMF_DIR / "OVMF_VARS_4M.fd", directory / "vars-sb-off.fd", work, boot_entry, None)
+    capture.make_vars(capture.OVMF_DIR / "OVMF_VARS_4M.ms.fd", directory / "vars-sb-on.fd", work, boot_entry, db_cert)
+    disk.rename(directory / "disk.raw")
+    (directory / "image.json").write_text(json.dumps({
+        "kernels": {n: k.as_record() for n, k in kernels.items()},
+        "boot_entry": boot_entry, "base": base.name}, indent=2))
+
+
 def _build(directory: Path, base: Path, kernels: Dict[str, realbins.KernelPackage]) -> None:
     work = directory / "work"
     work.mkdir(parents=True)
@@ -560,22 +582,7 @@ def _build(directory: Path, base: Path, kernels: Dict[str, realbins.KernelPackag
                                           uname=kernel.release)
             ukis[name] = realbins.sign(unsigned, db_key, db_cert, directory / ("uki-%s.efi" % name))
         populate(tree, ukis)
-        description = ENTRY_DESCRIPTION % kernels["a"].release
-        csv = work / "BOOTX64.CSV"
-        csv.write_bytes(csv_text(description, GuestImage.esp_path("a")))
-        esp_files = {capture.SHIM_ESP_PATH: capture.SHIM_SIGNED,
-                     "\\EFI\\%s\\BOOTX64.CSV" % VENDOR: csv,
-                     GuestImage.esp_path("a"): ukis["a"]}
-        disk = make_disk(work, tree, esp_files)
-        boot_entry = make_boot_entry(disk, work, description, GuestImage.esp_path("a"))
-        capture.make_vars(capture.OVMF_DIR / "OVMF_VARS_4M.fd", directory / "vars-sb-off.fd", work,
-                          boot_entry, None)
-        capture.make_vars(capture.OVMF_DIR / "OVMF_VARS_4M.ms.fd", directory / "vars-sb-on.fd", work,
-                          boot_entry, db_cert)
-        disk.rename(directory / "disk.raw")
-        (directory / "image.json").write_text(json.dumps({
-            "kernels": {n: k.as_record() for n, k in kernels.items()},
-            "boot_entry": boot_entry, "base": base.name}, indent=2))
+        finish_image(directory, work, tree, base, kernels, ukis, db_cert, make_disk)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

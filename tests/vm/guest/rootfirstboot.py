@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.vm.guest.firstboot import Snapshot
+from tests.vm.guest.firstboot import Snapshot, save_snapshot
 from tests.vm.guest.image import REPO_ROOT, RECOVERY_PASSPHRASE, digest, guest_cache, locked, product_sources, product_units
 from tests.vm.guest.rootimage import ROOT_LUKS_DEVICE, RootImage
 from tests.vm.guest.vm import PASSPHRASE_PROMPT, GuestVm
@@ -81,10 +81,4 @@ def _first_boot(image: RootImage, secure_boot: bool, rpm: Path, directory: Path)
     except BaseException:
         vm.close()
         raise
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir()
-    for name in ("disk.qcow2", "vars.fd", "tpm"):
-        shutil.move(str(work / name), directory / name)
-    (directory / "snapshot.json").write_text(json.dumps({"marker": marker, "first_boot_seconds": seconds,
-                                                         "product_rpm": rpm.name}))
-    shutil.rmtree(work, ignore_errors=True)
+    save_snapshot(work, directory, {"marker": marker, "first_boot_seconds": seconds, "product_rpm": rpm.name})

@@ -38,11 +38,10 @@ if str(REPO_ROOT) not in sys.path:
 
 from tests import realbins  # noqa: E402
 from tests.vm import capture  # noqa: E402
-from tests.vm.guest.image import (ENTRY_DESCRIPTION, GUEST_PACKAGES, HERE, MASKED_UNITS, MODULE_DIRS,  # noqa: E402
-                                  RECOVERY_PASSPHRASE, VENDOR, GuestImage, base_rootfs, copy_into, csv_text,
-                                  digest, guest_cache, install_harness, install_kernel_modules, locked,
-                                  make_boot_entry, make_esp, partition_range, prune_stale_images, run,
-                                  tree_mib, venv_package_paths)
+from tests.vm.guest.image import (GUEST_PACKAGES, HERE, MASKED_UNITS, MODULE_DIRS, RECOVERY_PASSPHRASE,  # noqa: E402
+                                  GuestImage, base_rootfs, copy_into, digest, finish_image, guest_cache,
+                                  install_harness, install_kernel_modules, locked, make_esp, partition_range,
+                                  prune_stale_images, run, tree_mib, venv_package_paths)
 
 ROOT_PACKAGES = GUEST_PACKAGES + ("dracut-core", "rpm", "tpm2-tools")
 KERNELS = {"a": "linux-image-cloud-amd64", "b": "linux-image-amd64", "bad": "linux-image-cloud-amd64"}
@@ -216,22 +215,7 @@ def _build(directory: Path, base: Path, kernels: Dict[str, realbins.KernelPackag
                 kernel_rpms[name] = kernel_rpm(name, kernel, ukis[name], directory, work)
         install_harness(tree, ukis)
         configure_root(tree, kernel_rpms)
-        description = ENTRY_DESCRIPTION % kernels["a"].release
-        csv = work / "BOOTX64.CSV"
-        csv.write_bytes(csv_text(description, GuestImage.esp_path("a")))
-        esp_files = {capture.SHIM_ESP_PATH: capture.SHIM_SIGNED,
-                     "\\EFI\\%s\\BOOTX64.CSV" % VENDOR: csv,
-                     GuestImage.esp_path("a"): ukis["a"]}
-        disk = make_root_disk(work, tree, esp_files)
-        boot_entry = make_boot_entry(disk, work, description, GuestImage.esp_path("a"))
-        capture.make_vars(capture.OVMF_DIR / "OVMF_VARS_4M.fd", directory / "vars-sb-off.fd", work,
-                          boot_entry, None)
-        capture.make_vars(capture.OVMF_DIR / "OVMF_VARS_4M.ms.fd", directory / "vars-sb-on.fd", work,
-                          boot_entry, db_cert)
-        disk.rename(directory / "disk.raw")
-        (directory / "image.json").write_text(json.dumps({
-            "kernels": {n: k.as_record() for n, k in kernels.items()},
-            "boot_entry": boot_entry, "base": base.name}, indent=2))
+        finish_image(directory, work, tree, base, kernels, ukis, db_cert, make_root_disk)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
