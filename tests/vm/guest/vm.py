@@ -11,6 +11,7 @@ import random
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,7 @@ class GuestVm:
     _pending: bytes = b""
     _next_id: int = 1
     _serial_mark: Tuple[Path, int] = (Path("/nonexistent"), 0)   # console log and offset where this boot began
+    _sockets: Optional[Path] = None   # a short directory for the UNIX sockets (see _socket)
 
     # -- machine --------------------------------------------------------------------------
 
@@ -92,14 +94,14 @@ class GuestVm:
         """Power on: swtpm, QEMU, agent connection; waits for the first boot unless ``wait`` is False."""
         if self._qemu is not None:
             raise GuestError("already running")
-        sock = self.work / "swtpm.sock"
+        sock = self._socket("swtpm.sock")
         sock.unlink(missing_ok=True)
         self._swtpm = subprocess.Popen(
             ["swtpm", "socket", "--tpm2", "--tpmstate", "dir=" + str(self.work / "tpm"),
              "--ctrl", "type=unixio,path=" + str(sock), "--terminate",
              "--log", "file=%s,level=1" % (self.work / "swtpm.log")])
         wait_for(sock.exists, 10, "swtpm did not create its socket")
-        agent_sock = self.work / "agent.sock"
+        agent_sock = self._socket("agent.sock")
         agent_sock.unlink(missing_ok=True)
         self._console_socket.unlink(missing_ok=True)
         serial = self.work / ("serial-%d.log" % (len(self.serial_logs) + 1))
@@ -123,7 +125,9 @@ class GuestVm:
         if self.secure_boot:
             argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
         self._qemu = subprocess.Popen(argv, stdout=open(self.work / "qemu.log", "ab"), stderr=subprocess.STDOUT)
-        wait_for(agent_sock.exists, 30, "QEMU did not create the agent socket")
+        wait_for(lambda: agent_sock.exists() or not self.running(), 30, "QEMU did not create the agent socket")
+        if not agent_sock.exists():
+            raise GuestError("QEMU exited at start: %s" % (self.work / "qemu.log").read_text(errors="replace")[-2000:])
         self._agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._agent.connect(str(agent_sock))
         self._pending = b""
@@ -133,7 +137,14 @@ class GuestVm:
 
     @property
     def _console_socket(self) -> Path:
-        return self.work / "console.sock"
+        return self._socket("console.sock")
+
+    def _socket(self, name: str) -> Path:
+        """A UNIX socket's path.  Not under ``work``: sun_path holds 107 bytes, and a cache
+        directory in a deep checkout (CI's /check/work/main/cache/guest/...) exceeds it."""
+        if self._sockets is None:
+            self._sockets = Path(tempfile.mkdtemp(prefix="guestvm-", dir="/tmp"))
+        return self._sockets / name
 
     def console_since_boot(self) -> str:
         """What the console printed since this boot began (power-on, reboot) or was last answered."""
@@ -206,6 +217,9 @@ class GuestVm:
         if self.running():
             self.power_cut()
         self._stopped()
+        if self._sockets is not None:
+            shutil.rmtree(self._sockets, ignore_errors=True)
+            self._sockets = None
 
     # -- boots ----------------------------------------------------------------------------
 
