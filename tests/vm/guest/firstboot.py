@@ -13,8 +13,10 @@ without paying for the first boot again.
 """
 
 import json
+import os
 import secrets
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict
@@ -51,7 +53,7 @@ class Snapshot:
 def enrolled_snapshot(image: GuestImage, secure_boot: bool) -> Snapshot:
     directory = image.directory / ("enrolled-%s" % ("sb-on" if secure_boot else "sb-off"))
     with locked(directory):
-        if not (directory / "snapshot.json").exists():
+        if not snapshot_complete(directory):
             shutil.rmtree(directory, ignore_errors=True)
             _first_boot(image, secure_boot, directory)
     record = json.loads((directory / "snapshot.json").read_text())
@@ -84,13 +86,29 @@ def _first_boot(image: GuestImage, secure_boot: bool, directory: Path) -> None:
     save_snapshot(work, directory, {"marker": marker, "first_boot_seconds": seconds})
 
 
+def snapshot_complete(directory: Path) -> bool:
+    """snapshot.json is there and the disk overlay's backing image opens (a cache copied or
+    linked from another checkout may hold an overlay whose backing path is gone)."""
+    if not (directory / "snapshot.json").exists():
+        return False
+    return subprocess.run(["qemu-img", "info", "--backing-chain", str(directory / "disk.qcow2")],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+
+
 def save_snapshot(work: Path, directory: Path, record: Dict[str, object]) -> None:
     """Keep the powered-off machine of ``work`` (disk overlay, UEFI variables, TPM state) as a
-    snapshot; snapshot.json, written last, marks it complete."""
+    snapshot; snapshot.json, written last, marks it complete.  The overlay names its backing
+    image relative to itself, so that the cache still works when the checkout moves."""
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir()
     for name in ("disk.qcow2", "vars.fd", "tpm"):
         shutil.move(str(work / name), directory / name)
+    overlay = directory / "disk.qcow2"
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)], stdout=subprocess.PIPE,
+                                     check=True).stdout)
+    backing = os.path.relpath(info["full-backing-filename"], str(directory))
+    subprocess.run(["qemu-img", "rebase", "-u", "-F", info["backing-filename-format"], "-b", backing, str(overlay)],
+                   check=True)
     (directory / "snapshot.json").write_text(json.dumps(record))
     shutil.rmtree(work, ignore_errors=True)
 

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.vm.guest.firstboot import Snapshot, save_snapshot
+from tests.vm.guest.firstboot import Snapshot, save_snapshot, snapshot_complete
 from tests.vm.guest.image import REPO_ROOT, RECOVERY_PASSPHRASE, digest, guest_cache, locked, product_sources, product_units
 from tests.vm.guest.rootimage import ROOT_LUKS_DEVICE, RootImage
 from tests.vm.guest.vm import PASSPHRASE_PROMPT, GuestVm
@@ -54,7 +54,7 @@ def enrolled_root_snapshot(image: RootImage, secure_boot: bool) -> Snapshot:
     rpm = product_rpm()
     directory = image.directory / ("enrolled-%s-%s" % ("sb-on" if secure_boot else "sb-off", product_key()))
     with locked(directory):
-        if not (directory / "snapshot.json").exists():
+        if not snapshot_complete(directory):
             shutil.rmtree(directory, ignore_errors=True)
             _first_boot(image, secure_boot, rpm, directory)
     record = json.loads((directory / "snapshot.json").read_text())
