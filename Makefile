@@ -39,7 +39,7 @@ venvs: .venv/.installed .venv39/.installed
 test: .venv/.installed .venv39/.installed
 	.venv/bin/python -m pytest -q -m 'not vm' $(PYTEST_ARGS)
 	@mkdir -p build; \
-	.venv39/bin/python -m pytest -q -p no:cacheprovider -m 'not vm' $(PYTEST_ARGS) > build/test39.log 2>&1 & py39=$$!; \
+	$(MAKE) --no-print-directory test39 > build/test39.log 2>&1 & py39=$$!; \
 	.venv/bin/python -m pytest -q -rs -m vm $(PYTEST_ARGS); vm=$$?; \
 	wait $$py39; py39=$$?; echo "== Python 3.9 (-m 'not vm'), run beside the VM tests: exit $$py39 =="; \
 	cat build/test39.log; exit $$(( vm != 0 || py39 != 0 ))
@@ -48,8 +48,9 @@ test311: .venv/.installed
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # The VM tests boot real firmware and are the same on both Pythons; run them once (on 3.11).
+# No .pytest_cache: `make test` runs this beside another pytest in the same checkout.
 test39: .venv39/.installed
-	.venv39/bin/python -m pytest -q -m 'not vm' $(PYTEST_ARGS)
+	.venv39/bin/python -m pytest -q -p no:cacheprovider -m 'not vm' $(PYTEST_ARGS)
 
 # The end-to-end VM scenarios only (tests/vm/test_e2e_*.py; guest image cached under cache/guest/).
 vm-test: .venv/.installed

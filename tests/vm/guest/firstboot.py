@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Dict
 
 from tests.vm.guest.image import (DATA_MAPPING, DATA_MOUNT, LUKS_DEVICE, RECOVERY_KEY_FILE, GuestImage,
-                                  locked)
+                                  locked, run)
 from tests.vm.guest.vm import GuestVm
 
 MARKER_FILE = DATA_MOUNT + "/marker"
@@ -104,11 +104,9 @@ def save_snapshot(work: Path, directory: Path, record: Dict[str, object]) -> Non
     for name in ("disk.qcow2", "vars.fd", "tpm"):
         shutil.move(str(work / name), directory / name)
     overlay = directory / "disk.qcow2"
-    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)], stdout=subprocess.PIPE,
-                                     check=True).stdout)
+    info = json.loads(run(["qemu-img", "info", "--output=json", overlay]).stdout)
     backing = os.path.relpath(info["full-backing-filename"], str(directory))
-    subprocess.run(["qemu-img", "rebase", "-u", "-F", info["backing-filename-format"], "-b", backing, str(overlay)],
-                   check=True)
+    run(["qemu-img", "rebase", "-u", "-F", info["backing-filename-format"], "-b", backing, overlay])
     (directory / "snapshot.json").write_text(json.dumps(record))
     shutil.rmtree(work, ignore_errors=True)
 
