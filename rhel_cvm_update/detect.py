@@ -3,21 +3,28 @@
 The booted chain (BootCurrent's entry, the digests in the current event log), the UKIs in
 uki_dir and which of them are new (no chain yet, for the shim on the ESP), chains whose UKI
 is gone, a changed shim, and the VM's first token adopted as the booted chain's.
+
+A shim is changed when its Authenticode digest (PCR4) or its signatures (PCR7's authority
+events) are not the booted shim's: a shim re-signed in place, as the move from Microsoft's
+2011 CA to its 2023 CA does, keeps its digest and still changes PCR7.
 """
 
 import dataclasses
 import os
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from rhel_cvm_update.errors import CvmUpdateError, MachineError
 from rhel_cvm_update.journal import Chain, Journal, LiveReading, now
-from rhel_cvm_update.machine import Machine, crash_point
+from rhel_cvm_update.machine import Machine, crash_point, file_signature_digest
 
 SHIM_STORE = "booted-shim"
 
 
-def chain_key(shim_digest: str, uki_digest: str) -> str:
-    return f"{shim_digest}:{uki_digest}"
+def chain_key(shim_digest: str, uki_digest: str, shim_signature: Optional[str] = None) -> str:
+    """A chain's journal key: the shim's digest (with the start of its signature digest when
+    it is signed: one shim signed two ways is two chains) and the UKI's digest."""
+    shim = f"{shim_digest}+{shim_signature[:16]}" if shim_signature else shim_digest
+    return f"{shim}:{uki_digest}"
 
 
 @dataclasses.dataclass
@@ -26,6 +33,7 @@ class Detected:
     live_banks: Dict[str, Dict[int, bytes]]
     shim: str
     shim_digest: str
+    shim_signature: str                 # signature digest of the shim on the ESP ("" unsigned)
     shim_changed: bool
     booted_key: Optional[str]
     booted_uki: Optional[str]
@@ -72,6 +80,26 @@ def _likely_predicted(journal: Journal, mtimes: Dict[str, float], limit: int) ->
     return {path for _, path in unknown[:limit]}
 
 
+def _booted_shim_signature(journal: Journal, state_dir: str, policy: bytes, logged: List[str],
+                           shim_digest: str, shim_signature: str) -> Tuple[Optional[str], Optional[str]]:
+    """(journal key, signature digest) of the shim booted now.  The proof is the journal's
+    chain that the live PCRs give (its policy; of two such chains, one sealed for the ESP's
+    shim, since their PCRs are the same); without one that recorded it, the copy of the
+    booted shim kept in state_dir, or the ESP's shim if it is the one in the log."""
+    matching = [(key, chain) for key, chain in journal.live_chains().items()
+                if chain.policy_hash == policy.hex() and [chain.shim_digest, chain.uki_digest] == logged[:2]]
+    matching.sort(key=lambda item: (item[1].shim_signature != shim_signature, item[1].shim_signature is None))
+    if matching and matching[0][1].shim_signature is not None:
+        return matching[0][0], matching[0][1].shim_signature
+    key = matching[0][0] if matching else None
+    kept = os.path.join(state_dir, SHIM_STORE, f"{logged[0]}.efi")
+    if os.path.exists(kept):
+        return key, file_signature_digest(kept)
+    if shim_digest == logged[0]:
+        return key, shim_signature
+    return key, None
+
+
 def detect(machine: Machine, journal: Journal) -> Detected:
     from rhel_cvm_update.formats.efi import EFI_GLOBAL_VARIABLE
     from rhel_cvm_update.predict import booted_chain, prediction_banks, read_live_pcrs, shim_path
@@ -86,7 +114,12 @@ def detect(machine: Machine, journal: Journal) -> Detected:
     applications = _log_application_digests(config)
     shim = shim_path(config)
     shim_digest = machine.digest(shim)
-    shim_changed = shim_digest not in applications
+    shim_signature = machine.signature(shim)
+    policy = live_policy(config, live)
+    booted_key, booted_signature = (_booted_shim_signature(journal, config.state_dir, policy, applications,
+                                                           shim_digest, shim_signature)
+                                    if len(applications) >= 2 else (None, None))
+    shim_changed = shim_digest not in applications or booted_signature not in (None, shim_signature)
     current = machine.efivarfs.get("BootCurrent", EFI_GLOBAL_VARIABLE)
     boot_current = int.from_bytes(current.data, "little") if current and len(current.data) == 2 else None
 
@@ -108,11 +141,11 @@ def detect(machine: Machine, journal: Journal) -> Detected:
         digests[uki.path] = machine.digest(uki.path, all_banks=uki.path in likely_new)
         if booted_uki is None and digests[uki.path] in applications[1:2]:
             booted_uki = uki.path
-    booted_key = chain_key(applications[0], applications[1]) if len(applications) >= 2 else None
+    if booted_key is None and len(applications) >= 2:
+        booted_key = chain_key(applications[0], applications[1], booted_signature)
 
     # The VM's first token (systemd-cryptenroll, or converted from Azure's import token) is
     # the booted chain's: its policy digest is the one the live PCRs give.
-    policy = live_policy(config, live)
     if booted_key and not any(c.policy_hash == policy.hex() for c in journal.live_chains().values()):
         tokens = machine.luks.metadata().systemd_tpm2_tokens()
         owned = {c.token for c in journal.live_chains().values()}
@@ -120,7 +153,7 @@ def detect(machine: Machine, journal: Journal) -> Detected:
             if token_id not in owned and _token_accounts(config, token, policy):
                 journal.chains[booted_key] = Chain(
                     uki=booted_uki, esp_path=machine.esp.efi_path(booted_uki) if booted_uki else None,
-                    uki_digest=applications[1], shim_digest=applications[0],
+                    uki_digest=applications[1], shim_digest=applications[0], shim_signature=booted_signature,
                     pcrs={str(p): v.hex() for p, v in sorted(live.items())}, policy_hash=policy.hex(),
                     source="live", token=token_id, keyslot=token.keyslot, entry=boot_current,
                     status="booted", adopted=True, created=now(), confirmed=now(), serial=journal.next_serial())
@@ -131,8 +164,9 @@ def detect(machine: Machine, journal: Journal) -> Detected:
     for uki in ukis:
         if uki.path not in digests:
             continue
-        key = chain_key(shim_digest, digests[uki.path])
-        known = journal.chains.get(key)
+        key = chain_key(shim_digest, digests[uki.path], shim_signature)
+        known = journal.chains.get(key) or (None if shim_changed else _unsigned_record(journal, shim_digest,
+                                                                                          digests[uki.path]))
         if key == booted_key or (known and known.status != "sealed"):
             continue
         new.append({"uki": uki.path, "esp_path": uki.esp_path, "digest": digests[uki.path], "key": key,
@@ -148,27 +182,37 @@ def detect(machine: Machine, journal: Journal) -> Detected:
     # its chain; the firmware cannot start a missing file, so no such chain is a next boot.
     doomed = [key for key, c in journal.live_chains().items()
               if c.uki and not os.path.exists(c.uki) and key != booted_key]
-    booted_shim = keep_booted_shim(config.state_dir, shim, shim_digest, applications[0] if applications else None)
+    booted_shim = keep_booted_shim(config.state_dir, shim, (shim_digest, shim_signature),
+                                   (applications[0], booted_signature) if applications else None)
     if shim_changed and booted_shim is None:
         notes.append("no copy of the shim that booted now was kept (it was replaced before this tool ran): "
                      "prediction can only use the model")
-    return Detected(live, live_banks, shim, shim_digest, shim_changed, booted_key, booted_uki, booted_shim,
-                    boot_current, new, doomed, notes)
+    return Detected(live, live_banks, shim, shim_digest, shim_signature, shim_changed, booted_key, booted_uki,
+                    booted_shim, boot_current, new, doomed, notes)
 
 
-def keep_booted_shim(state_dir: str, shim: str, shim_digest: str, booted_digest: Optional[str]) -> Optional[str]:
+def _unsigned_record(journal: Journal, shim_digest: str, uki_digest: str) -> Optional[Chain]:
+    """A chain journaled before shim signatures were recorded (its key has none) for this pair."""
+    return next((c for c in journal.chains.values() if c.shim_signature is None and c.shim_digest == shim_digest
+                 and c.uki_digest == uki_digest), None)
+
+
+def keep_booted_shim(state_dir: str, shim: str, on_esp: Tuple[str, str],
+                     booted: Optional[Tuple[str, Optional[str]]]) -> Optional[str]:
     """A copy of the booted shim in state_dir, made while the ESP still has it: a shim update
     replaces the file in place, and predicting the boot after it needs the old one's
-    measurements (its SBAT level, its digest in the log).  Returns the copy's path."""
+    measurements (its SBAT level, its signers, its digest in the log).  ``on_esp`` and
+    ``booted`` are (digest, signature digest) pairs.  Returns the copy's path."""
     import shutil
 
     store = os.path.join(state_dir, SHIM_STORE)
-    if booted_digest is None:
+    if booted is None:
         return None
-    wanted = os.path.join(store, f"{booted_digest}.efi")
+    wanted = os.path.join(store, f"{booted[0]}.efi")
     try:
         os.makedirs(store, mode=0o700, exist_ok=True)
-        if shim_digest == booted_digest and not os.path.exists(wanted):
+        stale = os.path.exists(wanted) and booted[1] is not None and file_signature_digest(wanted) != booted[1]
+        if on_esp == booted and (stale or not os.path.exists(wanted)):
             partial = wanted + ".partial"
             shutil.copyfile(shim, partial)
             with open(partial, "rb") as f:

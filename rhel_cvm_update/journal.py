@@ -177,10 +177,19 @@ class Chain(_Record):
     confirmed: Optional[str] = _field(_OPTIONAL_STR, default=None)
     retired: Optional[str] = _field(_OPTIONAL_STR, default=None)
     mtime: Optional[float] = _field((float, int, type(None)), default=None)   # the UKI's when sealed
+    # The shim's signature digest (formats.authenticode.signature_digest); None in chains
+    # journaled before it was recorded.
+    shim_signature: Optional[str] = _field(_OPTIONAL_STR, default=None)
 
     @property
     def live(self) -> bool:
         return self.status in LIVE_CHAIN_STATUSES
+
+    def has_shim(self, digest: Optional[str], signature: Optional[str]) -> bool:
+        """Sealed for this shim: the same Authenticode digest (its PCR4 event) and, where both
+        are known, the same signatures (a re-signed shim changes PCR7's authority events)."""
+        return self.shim_digest == digest and (self.shim_signature is None or signature is None
+                                               or self.shim_signature == signature)
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> "Chain":

@@ -66,19 +66,23 @@ def _host_path(config, efi_path: Optional[str]) -> Optional[str]:
     return os.path.realpath(os.path.join(config.esp, *[p for p in efi_path.split("\\") if p]))
 
 
-def _esp_shim_digest(config) -> Tuple[Optional[str], Optional[str]]:
-    """(sha256 Authenticode of the shim on the ESP, None) or (None, why it cannot be read)."""
-    # Only the digest: measure_image would also parse the signature (PKCS#7 through the
+def _esp_shim(config) -> Tuple[Optional[str], Optional[str], Optional[str]]:
+    """(sha256 Authenticode of the shim on the ESP, its signature digest, None) or (None,
+    None, why it cannot be read)."""
+    # Only the digests: measure_image would also parse the signature (PKCS#7 through the
     # `cryptography` package, a third of status's start-up) for nothing.
-    from rhel_cvm_update.formats.authenticode import authenticode_digest
+    from rhel_cvm_update.formats.authenticode import authenticode_digest, signature_digest
+    from rhel_cvm_update.formats.pe import PEImage
     from rhel_cvm_update.mapped import mapped_file
     from rhel_cvm_update.predict import shim_path
 
+    path = shim_path(config)
     try:
-        with mapped_file(shim_path(config)) as buf:
-            return authenticode_digest(buf, "sha256", shim_path(config)).hex(), None
+        with mapped_file(path) as buf:
+            image = PEImage.parse(buf, path)
+            return authenticode_digest(buf, "sha256", path).hex(), signature_digest(buf, path, image), None
     except (CvmUpdateError, OSError) as e:
-        return None, f"cannot read the shim {shim_path(config)}: {e}"
+        return None, None, f"cannot read the shim {path}: {e}"
 
 
 def _log_digests(config) -> List[str]:
@@ -157,13 +161,14 @@ def collect_status(config) -> Dict[str, Any]:
     # The entry the firmware starts next, and whether a token opens the disk there.
     next_entry = boot["boot_next"] or (boot["boot_order"][0] if boot["boot_order"] else None)
     next_uki = entry_uki.get(next_entry)
-    shim_digest, shim_error = _esp_shim_digest(config)
+    shim_digest, shim_signature, shim_error = _esp_shim(config)
     if shim_error:
         errors.append(shim_error)
     # A UKI can have several chains (before and after a shim update): the next boot is the
     # one with the shim on the ESP now.
     next_chain = next((c for c in live_chains.values()
-                       if (c.esp_path or "").lower() == (next_uki or "").lower() and c.shim_digest == shim_digest),
+                       if (c.esp_path or "").lower() == (next_uki or "").lower()
+                       and c.has_shim(shim_digest, shim_signature)),
                       None)
     will_unlock, why = False, "no Boot entry to start"
     live_tokens = [t for t in tokens if t["matches_current_boot"]]
@@ -181,8 +186,12 @@ def collect_status(config) -> Dict[str, Any]:
     elif next_entry and next_entry == boot["boot_current"] and live_tokens:
         will_unlock, why = True, (f"it is the chain booted now and token {live_tokens[0]['token']} is sealed "
                                   "to the live PCRs")
+        booted_chain = next((c for c in live_chains.values() if c.policy_hash == live_policy), None)
         if shim_digest not in _log_digests(config):
             will_unlock, why = False, "the shim on the ESP is not the one that booted now"
+        elif booted_chain is not None and not booted_chain.has_shim(shim_digest, shim_signature):
+            will_unlock, why = False, ("the shim on the ESP was re-signed since this boot "
+                                       "(its signers are measured into PCR7)")
     elif next_entry:
         why = f"{next_entry} ({next_uki}) has no token of this tool"
     notes: List[str] = []

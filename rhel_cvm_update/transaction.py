@@ -129,7 +129,8 @@ def seal(machine: Machine, journal: Journal, detected: Detected,
         pcrs = {str(p): v.hex() for p, v in sorted(item["pcrs"].items())}
         journal.chains[item["key"]] = Chain(
             uki=item["uki"], esp_path=item["esp_path"], uki_digest=item["digest"],
-            shim_digest=detected.shim_digest, pcrs=pcrs, policy_hash=result["policy_hash"],
+            shim_digest=detected.shim_digest, shim_signature=detected.shim_signature, pcrs=pcrs,
+            policy_hash=result["policy_hash"],
             source=item["source"], agreed=item.get("agreed"), sources_ran=item.get("sources_ran"),
             token=result["token"], keyslot=result["keyslot"],
             entry=detected.boot_current if item["uki"] == detected.booted_uki else None,
@@ -143,10 +144,13 @@ def seal(machine: Machine, journal: Journal, detected: Detected,
 
 
 def stage(machine: Machine, journal: Journal, detected: Detected) -> Optional[Dict[str, Any]]:
-    """BootNext to the newest sealed chain that is not the booted UKI."""
+    """BootNext to the newest sealed chain of a new UKI: not the booted one, and none that a
+    confirmed boot already ran (a shim change seals every kept UKI again, and an older kernel
+    must not become the next boot; BootOrder's head, the booted UKI, stays next)."""
+    confirmed = {c.uki_digest for c in journal.chains.values() if c.confirmed is not None}
     candidates = [(c.mtime or 0, key) for key, c in journal.chains.items()
-                  if c.status == "sealed" and c.uki != detected.booted_uki
-                  and c.shim_digest == detected.shim_digest and c.uki and os.path.isfile(c.uki)]
+                  if c.status == "sealed" and c.uki != detected.booted_uki and c.uki_digest not in confirmed
+                  and c.has_shim(detected.shim_digest, detected.shim_signature) and c.uki and os.path.isfile(c.uki)]
     if not candidates:
         return None
     _, key = max(candidates)
@@ -172,8 +176,8 @@ def remove(machine: Machine, journal: Journal, keys: List[str]) -> List[Dict[str
     removed = []
     for key in list(pending.doomed):
         chain = journal.chains[key]
-        kept_paths = {(c.esp_path or "").lower() for k, c in journal.live_chains().items()
-                      if k != key and k not in pending.doomed}
+        kept = [c for k, c in journal.live_chains().items() if k != key and k not in pending.doomed]
+        kept_paths = {(c.esp_path or "").lower() for c in kept}
         done: Dict[str, Any] = {"uki": chain.uki, "token": None, "keyslot": None, "entries": []}
         if chain.esp_path and chain.esp_path.lower() not in kept_paths:
             manager = machine.boot_manager("remove")
@@ -182,7 +186,11 @@ def remove(machine: Machine, journal: Journal, keys: List[str]) -> List[Dict[str
             done["entries"] = [c.target for c in changes if c.target.startswith("Boot") and c.new is None]
         meta = machine.luks.metadata()
         token = meta.systemd_tpm2_tokens().get(chain.token)
-        if token is not None and token.policy_hash.hex() == chain.policy_hash and token.keyslot == chain.keyslot:
+        # A kept chain can share the token: sealing reuses one whose PCRs are the prediction
+        # (a shim re-signed while Secure Boot is off measures as before).
+        shared = any(c.token == chain.token and c.keyslot == chain.keyslot for c in kept)
+        if (token is not None and not shared and token.policy_hash.hex() == chain.policy_hash
+                and token.keyslot == chain.keyslot):
             luks.remove_token(chain.token)
             done["token"] = chain.token
             meta = machine.luks.metadata()
@@ -298,12 +306,12 @@ def run_update(config, *, hooks=None, lock_timeout: Optional[float] = None) -> U
         return result
 
 
-def _retire_candidates(config, journal: Journal, booted_key: str, shim_digest: str) -> Tuple[List[str], List[str]]:
+def _retire_candidates(config, journal: Journal, booted_key: str, detected: Detected) -> Tuple[List[str], List[str]]:
     """(kept, doomed): the booted chain plus the keep_previous most recently sealed or
     confirmed others that can still boot (same shim as on the ESP now) are kept."""
     others = [(c.serial, key) for key, c in journal.live_chains().items() if key != booted_key]
     others.sort(reverse=True)
-    bootable = [key for _, key in others if journal.chains[key].shim_digest == shim_digest]
+    bootable = [key for _, key in others if journal.chains[key].has_shim(detected.shim_digest, detected.shim_signature)]
     kept = bootable[:config.keep_previous]
     doomed = [key for _, key in others if key not in kept]
     return [booted_key] + kept, doomed
@@ -313,7 +321,10 @@ def confirm(machine: Machine, journal: Journal, detected: Detected) -> Tuple[str
     """(outcome, promoted entry, doomed chain keys, reason)."""
     config = machine.config
     policy = live_policy(config, detected.live).hex()
-    booted = next((k for k, c in journal.live_chains().items() if c.policy_hash == policy), None)
+    # Two chains can have the live PCRs (a shim re-signed with Secure Boot off measures the
+    # same): the booted one is detect's, sealed for the shim on the ESP.
+    chains = sorted(journal.live_chains().items(), key=lambda item: item[0] != detected.booted_key)
+    booted = next((k for k, c in chains if c.policy_hash == policy), None)
     staged_key = next((k for k, c in journal.chains.items() if c.status == "staged"), None)
     staged = journal.chains[staged_key] if staged_key is not None else None
     if booted is None:
@@ -345,7 +356,7 @@ def confirm(machine: Machine, journal: Journal, detected: Detected) -> Tuple[str
             other.status = "previous"
     chain.status, chain.confirmed, chain.serial = "booted", now(), journal.next_serial()
     journal.trial_failed = None
-    _, doomed = _retire_candidates(config, journal, booted, detected.shim_digest)
+    _, doomed = _retire_candidates(config, journal, booted, detected)
     journal.pending.doomed = sorted(set(journal.pending.doomed) | set(doomed))
     journal.save()
     return "confirmed", promoted, doomed, None

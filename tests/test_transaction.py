@@ -508,3 +508,66 @@ def test_sources_that_disagree_seal_nothing_and_status_names_both(sandbox, monke
     assert status.returncode == 1
     attention = " ".join(json.loads(status.stdout)["attention"])
     assert "disagree" in attention and "0" * 64 in attention
+
+
+def test_shim_resigned_in_place_is_a_shim_change(sandbox, tmp_path):
+    """The same shim with other signatures (the committed test CA's instead of Microsoft's):
+    its Authenticode digest, and so PCR4, stays; PCR7 would change under Secure Boot (the VM
+    scenario 'root: SB on, shim re-signed' boots it).  Status must not promise the next boot,
+    update must seal the UKIs again for the new signers, and once that boot is confirmed the
+    re-signed shim is the booted one."""
+    from tests.vm import signing
+
+    cvm = sandbox
+    assert run_confirm(cvm.config()).outcome == "nothing-to-do"  # the boot-time run keeps the shim copy
+    resigned = signing.build_shim(cvm.shim, signing.Signing(("ca1",), "ca1"), signing.load_test_cas(),
+                                  tmp_path / "shim-ca1.efi")
+    before = subprocess.run(["pesign", "-h", "-i", str(cvm.shim)], stdout=subprocess.PIPE, check=True).stdout
+    after = subprocess.run(["pesign", "-h", "-i", str(resigned)], stdout=subprocess.PIPE, check=True).stdout
+    assert before == after and cvm.shim.read_bytes() != resigned.read_bytes()  # the digest pesign computes stays
+    shutil.copyfile(resigned, cvm.shim)
+    status = json.loads(cli(cvm, "status", "--json").stdout)
+    assert status["exit_code"] == 1 and not status["next_boot"]["will_unlock"]
+    assert "re-signed" in status["next_boot"]["why"], status["next_boot"]
+    result = run_update(cvm.config())
+    assert result.shim_changed and result.outcome == "staged", result
+    (sealed,) = result.sealed
+    assert sealed["uki"].endswith("uki-a.efi")
+    assert cli(cvm, "status").returncode == 0
+    cvm.simulate_reboot()
+    assert sealed["token"] in cvm.unlocking_tokens()
+    confirmed = run_confirm(cvm.config())
+    assert confirmed.outcome == "confirmed"
+    # The chain sealed for the Microsoft-signed shim cannot boot again: retired.  With Secure
+    # Boot off the re-signed shim measures as before, so sealing reused token 0, which the
+    # booted chain keeps.
+    assert sealed["action"] == "reused" and sealed["token"] == 0
+    assert [(r["uki"], r["token"], r["keyslot"]) for r in confirmed.removed] == [(sealed["uki"], None, None)]
+    assert 0 in cvm.unlocking_tokens()
+    assert run_update(cvm.config()).outcome == "nothing-to-do"
+    assert cli(cvm, "status").returncode == 0
+
+
+def test_shim_change_after_a_kernel_update_keeps_the_new_kernel_next(sandbox, tmp_path):
+    """uki-b booted and confirmed, uki-a kept as the previous kernel; then the shim is
+    re-signed.  Every kept UKI is sealed again, but the older kernel must not be staged: the
+    next boot is BootOrder's head, uki-b (the SB-on root VM once booted uki-a here)."""
+    from tests.vm import signing
+
+    cvm = sandbox
+    cvm.install_uki("b")
+    assert run_update(cvm.config()).outcome == "staged"
+    assert cvm.simulate_reboot()["uki"].endswith("uki-b.efi")
+    assert run_confirm(cvm.config()).outcome == "confirmed"
+    resigned = signing.build_shim(cvm.shim, signing.Signing(("ca1",), "ca1"), signing.load_test_cas(),
+                                  tmp_path / "shim-ca1.efi")
+    shutil.copyfile(resigned, cvm.shim)
+    result = run_update(cvm.config())
+    assert result.shim_changed and result.staged is None, result
+    assert sorted(os.path.basename(s["uki"]) for s in result.sealed) == ["uki-a.efi", "uki-b.efi"]
+    status = json.loads(cli(cvm, "status", "--json").stdout)
+    assert status["boot_next"] is None and status["exit_code"] == 0, status["attention"]
+    assert status["next_boot"]["will_unlock"] and status["next_boot"]["uki"].endswith("uki-b.efi"), status
+    assert cvm.simulate_reboot()["uki"].endswith("uki-b.efi")
+    assert run_confirm(cvm.config()).outcome == "confirmed"
+    assert cli(cvm, "status").returncode == 0

@@ -319,6 +319,16 @@ def authenticode_digest(buf, algorithm: str = "sha256", source: str = "<bytes>")
     return authenticode_digests(buf, (algorithm,), source=source)[algorithm]
 
 
+def signature_digest(buf, source: str = "<bytes>", image: Optional[PEImage] = None) -> str:
+    """sha256 (hex) of the attribute certificate table, "" for an unsigned image.  The
+    Authenticode digest leaves the signatures out, so a re-signed file keeps its PCR4 event;
+    PCR7 sees them, through the db entry each verification is granted by."""
+    view = byte_view(buf)
+    image = image if image is not None else PEImage.parse(view, source)
+    offset, size = image.certificate_table
+    return hashlib.sha256(view[offset:offset + size]).hexdigest() if size else ""
+
+
 def nested_authenticode_digests(buf, image: PEImage, inner: Tuple[int, int], algorithms: Iterable[str],
                                 source: str, inner_source: str) -> Tuple[Dict[str, bytes], Dict[str, bytes]]:
     """edk2's digest of the image in ``buf`` and of the PE at ``buf[inner[0]:inner[1]]``

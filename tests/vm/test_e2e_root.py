@@ -196,3 +196,61 @@ def test_root_power_cuts(tmp_path, e2e_table):  # noqa: F811
             machine.assert_unlocked("b")
     finally:
         machine.close()
+
+
+SHIM_LOCK_GUID = "605dab50-e046-4300-abb6-3dd810dd8b23"
+
+
+def pcr(machine: RootMachine, index: int) -> str:
+    """The TPM's sha256 PCR ``index`` now, as the guest kernel reads it."""
+    return machine.vm.check(["cat", "/sys/class/tpm/tpm0/pcr-sha256/%d" % index]).stdout.strip().lower()
+
+
+def update_from_rpm_and_reboot(machine: RootMachine, rpm: str, uki: str) -> None:
+    """`rpm -U` an update package; its file trigger (or the path unit) runs the update.  Then
+    the next boot's root must unlock in the initrd with the token sealed for it, and confirm
+    must accept that boot."""
+    vm = machine.vm
+    installed = vm.check(["rpm", "-U", "--nodeps", rpm], timeout=600)
+    machine.wait_update_idle()
+    status = machine.status()
+    assert status["exit_code"] == 0, (status["attention"], installed.stderr)
+    assert status["next_boot"]["will_unlock"] and status["next_boot"]["uki"].endswith("uki-%s.efi" % uki), status
+    try:
+        vm.reboot()
+    except PassphraseAsked:
+        pytest.fail("the root did not unlock after %s: %s" % (rpm, vm.serial_tail()))
+    machine.assert_unlocked(uki)
+    confirm = machine.unit_state(CONFIRM_SERVICE)
+    assert confirm["Result"] == "success" and confirm["ExecMainStatus"] == "0", confirm
+    machine.wait_update_idle()
+    status = machine.status()
+    assert status["exit_code"] == 0, status["attention"]
+    assert any(t["matches_current_boot"] for t in status["tokens"]), status["tokens"]
+
+
+def test_root_secure_boot_kernel_and_shim_updates(tmp_path, e2e_table):  # noqa: F811
+    image, machine = root_machine(tmp_path, secure_boot=True)
+    vm = machine.vm
+    try:
+        with e2e_table.scenario(machine, "root: SB on, kernel update from an RPM, root unlocks"):
+            vm.start()
+            machine.assert_unlocked("a")
+            assert vm.check(["od", "-An", "-tu1", "-j4",
+                             "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"]
+                            ).stdout.split() == ["1"], "Secure Boot is off"
+            update_from_rpm_and_reboot(machine, image.guest_rpm("b"), "b")
+        with e2e_table.scenario(machine, "root: SB on, shim re-signed by the db key (PCR7 only changes)"):
+            before = {i: pcr(machine, i) for i in (4, 7)}
+            update_from_rpm_and_reboot(machine, image.guest_shim_rpm("resigned"), "b")
+            after = {i: pcr(machine, i) for i in (4, 7)}
+            assert after[4] == before[4] and after[7] != before[7], (before, after)
+        with e2e_table.scenario(machine, "root: SB on, shim update with a newer SbatLevel"):
+            before = {i: pcr(machine, i) for i in (4, 7)}
+            update_from_rpm_and_reboot(machine, image.guest_shim_rpm("sbat"), "b")
+            after = {i: pcr(machine, i) for i in (4, 7)}
+            assert after[4] != before[4], (before, after)
+            level = vm.check(["cat", "/sys/firmware/efi/efivars/SbatLevelRT-" + SHIM_LOCK_GUID]).stdout
+            assert "2026050100" in level, "shim did not apply its newer SbatLevel: %r" % level
+    finally:
+        machine.close()

@@ -18,6 +18,14 @@ systemd-cryptsetup unlocks it with the LUKS2 token through the systemd-tpm2 toke
          no init in the initramfs, has no root= to fall back to and panics ("VFS: Unable to
          mount root fs"); panic=5 resets the VM; RPM kernel-uki-virt-bad
 
+Two shim updates, as RPMs of ``shim-x64`` that replace ``\\EFI\\redhat\\shimx64.efi`` (for
+Secure Boot on, where the image's own db key is enrolled beside Microsoft's CAs):
+
+    resigned  Debian's shim with Microsoft's signatures replaced by the db key's: the same
+              Authenticode digest (PCR4 unchanged), another authority in PCR7
+    sbat      the same, with a newer .sbatlevel datestamp (which voids Microsoft's
+              signatures): a new digest, and shim applies its SbatLevel (PCR7 again)
+
 The root is encrypted offline (``cryptsetup reencrypt --encrypt`` on the partition image: no
 device-mapper on the host) with the recovery passphrase only; the first boot
 (``rootfirstboot.py``) types that passphrase on the serial console, installs the product from
@@ -30,14 +38,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from tests import realbins  # noqa: E402
-from tests.vm import capture  # noqa: E402
+from tests.vm import capture, signing  # noqa: E402
 from tests.vm.guest.image import (GUEST_PACKAGES, HERE, MASKED_UNITS, MODULE_DIRS, RECOVERY_PASSPHRASE,  # noqa: E402
                                   GuestImage, base_rootfs, copy_into, digest, finish_image, guest_cache,
                                   install_harness, install_kernel_modules, locked, make_esp, partition_range,
@@ -62,18 +70,32 @@ ROOT_MAPPING = "root"
 LUKS_REDUCE_MIB = 32
 ESP_MIB = 160
 GUEST_RPM_DIR = "/root/rpms"
+SHIM_VENDOR_PATH = "/boot/efi/EFI/redhat/shimx64.efi"
+# shim-x64 updates: release and the .sbatlevel datestamp (None: Debian's, unchanged).
+SHIM_UPDATES = {"resigned": ("2.e2e", None), "sbat": ("3.e2e", "2026050100")}
+SHIM_VERSION = "16.1"   # Debian 12's shim-signed (1.51~1+deb12u1+16.1-2~deb12u1)
 
 
 class RootImage(GuestImage):
-    """The root guest's image; its kernel-update RPMs are in the guest's GUEST_RPM_DIR."""
+    """The root guest's image; its update RPMs are in the guest's GUEST_RPM_DIR."""
 
     @staticmethod
     def guest_rpm(name: str) -> str:
+        """The kernel-uki-virt RPM of UKI ``name`` in the guest."""
         return "%s/%s" % (GUEST_RPM_DIR, kernel_rpm_name(name))
+
+    @staticmethod
+    def guest_shim_rpm(name: str) -> str:
+        """The shim-x64 RPM of SHIM_UPDATES[``name``] in the guest."""
+        return "%s/%s" % (GUEST_RPM_DIR, shim_rpm_name(name))
 
 
 def kernel_rpm_name(name: str) -> str:
     return "kernel-uki-virt-%s.rpm" % name
+
+
+def shim_rpm_name(name: str) -> str:
+    return "shim-x64-%s-%s.rpm" % (SHIM_VERSION, SHIM_UPDATES[name][0])
 
 
 def dracut_initramfs(tree: Path, kernel: realbins.KernelPackage, work: Path) -> Path:
@@ -91,43 +113,63 @@ def dracut_initramfs(tree: Path, kernel: realbins.KernelPackage, work: Path) -> 
     return out
 
 
-KERNEL_SPEC = """Name: kernel-uki-virt-%(name)s
+ESP_RPM_SPEC = """Name: %(name)s
 Version: %(version)s
-Release: 1
-Summary: Test kernel %(release)s as a UKI on the ESP, like kernel-uki-virt
-License: GPL-2.0-only
+Release: %(release)s
+Summary: %(summary)s
+License: %(license)s
 BuildArch: x86_64
 %%description
-The UKI uki-%(name)s.efi (systemd-stub, Debian kernel %(release)s, dracut initramfs).
+%(summary)s.
 %%install
-install -D -m 0700 %(uki)s %%{buildroot}/boot/efi/EFI/Linux/uki-%(name)s.efi
+install -D -m 0700 %(source)s %%{buildroot}%(target)s
 %%files
-/boot/efi/EFI/Linux/uki-%(name)s.efi
+%(target)s
 """
 
 
-def kernel_rpm(name: str, kernel: realbins.KernelPackage, uki: Path, out_dir: Path, work: Path) -> Path:
-    """A locally built RPM that drops the UKI into /boot/efi/EFI/Linux, as kernel-uki-virt does."""
-    topdir = work / ("rpmbuild-" + name)
-    spec = topdir / "kernel.spec"
+def esp_rpm(fields: Dict[str, str], source: Path, out: Path, work: Path) -> Path:
+    """A locally built RPM that installs one file (``fields["target"]``) on the ESP, as
+    kernel-uki-virt and shim-x64 do."""
+    topdir = work / ("rpmbuild-" + out.stem)
+    spec = topdir / "package.spec"
     spec.parent.mkdir(parents=True)
-    spec.write_text(KERNEL_SPEC % {"name": name, "version": kernel.version.replace("-", "_"),
-                                   "release": kernel.release, "uki": uki})
+    spec.write_text(ESP_RPM_SPEC % dict(fields, source=source))
     run(["rpmbuild", "-bb", "--nodeps", "--define", "_topdir %s" % topdir, "--define", "_build_id_links none",
          str(spec)])
     built, = (topdir / "RPMS/x86_64").glob("*.rpm")
-    out = out_dir / kernel_rpm_name(name)
     shutil.move(str(built), out)
     return out
 
 
-def configure_root(tree: Path, kernel_rpms: Dict[str, Path]) -> None:
+def kernel_rpm(name: str, kernel: realbins.KernelPackage, uki: Path, out_dir: Path, work: Path) -> Path:
+    """The UKI as /boot/efi/EFI/Linux/uki-<name>.efi, like kernel-uki-virt."""
+    fields = {"name": "kernel-uki-virt-" + name, "version": kernel.version.replace("-", "_"), "release": "1",
+              "summary": "Test kernel %s as the UKI uki-%s.efi (systemd-stub, dracut initramfs)" % (kernel.release, name),
+              "license": "GPL-2.0-only", "target": "/boot/efi/EFI/Linux/uki-%s.efi" % name}
+    return esp_rpm(fields, uki, out_dir / kernel_rpm_name(name), work)
+
+
+def shim_rpm(name: str, db_key: Path, db_cert: Path, out_dir: Path, work: Path) -> Path:
+    """Debian's shim signed by the image's db key instead of Microsoft (SHIM_UPDATES[name])."""
+    release, sbat_date = SHIM_UPDATES[name]
+    plan = signing.Signing(shim_signatures=("e2e-db",), uki_signer="e2e-db", sbat_date=sbat_date)
+    signer = signing.TestCa(ca_cert=db_cert, leaf_key=db_key, leaf_cert=db_cert)
+    shim = signing.build_shim(capture.SHIM_SIGNED, plan, {"e2e-db": signer}, work / ("shim-%s.efi" % name))
+    fields = {"name": "shim-x64", "version": SHIM_VERSION, "release": release, "license": "BSD-2-Clause",
+              "summary": "Debian's shim %s re-signed by the e2e db key" % SHIM_VERSION
+                         + (", .sbatlevel dated %s" % sbat_date if sbat_date else ""),
+              "target": SHIM_VENDOR_PATH}
+    return esp_rpm(fields, shim, out_dir / shim_rpm_name(name), work)
+
+
+def configure_root(tree: Path, update_rpms: List[Path]) -> None:
     """The root comes from gpt-auto, so fstab names only the ESP (as RHEL's, with its options)."""
     (tree / "etc/fstab").write_text("/dev/vda1 /boot/efi vfat umask=0077,shortname=winnt 0 2\n")
     (tree / "etc/crypttab").write_text("")
     rpm_dir = tree / GUEST_RPM_DIR.lstrip("/")
     rpm_dir.mkdir(parents=True, exist_ok=True)
-    for path in kernel_rpms.values():
+    for path in update_rpms:
         shutil.copyfile(path, rpm_dir / path.name)
 
 
@@ -169,8 +211,8 @@ def make_root_disk(work: Path, tree: Path, esp_files: Dict[str, Path]) -> Path:
 
 def image_key(kernels: Dict[str, realbins.KernelPackage], base: Path) -> str:
     return digest(base.name, sorted((n, k.name, k.version) for n, k in kernels.items()), DRACUT_MODULES,
-                  DRACUT_DRIVERS, CMDLINE, BAD_CMDLINE_EXTRA, MODULE_DIRS, MASKED_UNITS, KERNEL_SPEC,
-                  Path(__file__), HERE / "image.py", HERE / "agent.py", capture.SHIM_SIGNED, realbins.SYSTEMD_STUB,
+                  DRACUT_DRIVERS, CMDLINE, BAD_CMDLINE_EXTRA, MODULE_DIRS, MASKED_UNITS, ESP_RPM_SPEC, SHIM_UPDATES,
+                  Path(__file__), HERE / "image.py", HERE / "agent.py", HERE.parent / "signing.py", capture.SHIM_SIGNED, realbins.SYSTEMD_STUB,
                   sorted(p.name for p in venv_package_paths()))
 
 
@@ -205,16 +247,16 @@ def _build(directory: Path, base: Path, kernels: Dict[str, realbins.KernelPackag
             install_kernel_modules(tree, kernel)
         initrds = {k.release: dracut_initramfs(tree, k, work) for k in {k.name: k for k in kernels.values()}.values()}
         ukis: Dict[str, Path] = {}
-        kernel_rpms: Dict[str, Path] = {}
+        update_rpms: List[Path] = [shim_rpm(name, db_key, db_cert, directory, work) for name in SHIM_UPDATES]
         for name, kernel in kernels.items():
             cmdline = CMDLINE % name + (BAD_CMDLINE_EXTRA if name == "bad" else "")
             unsigned = realbins.build_uki(work / ("uki-%s.unsigned.efi" % name), kernel.vmlinuz,
                                           initrds[kernel.release], cmdline, uname=kernel.release)
             ukis[name] = realbins.sign(unsigned, db_key, db_cert, directory / ("uki-%s.efi" % name))
             if name != "a":
-                kernel_rpms[name] = kernel_rpm(name, kernel, ukis[name], directory, work)
+                update_rpms.append(kernel_rpm(name, kernel, ukis[name], directory, work))
         install_harness(tree, ukis)
-        configure_root(tree, kernel_rpms)
+        configure_root(tree, update_rpms)
         finish_image(directory, work, tree, base, kernels, ukis, db_cert, make_root_disk)
     finally:
         shutil.rmtree(work, ignore_errors=True)
