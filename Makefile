@@ -54,7 +54,7 @@ test39: .venv39/.installed
 
 # The end-to-end VM scenarios only (tests/vm/test_e2e_*.py; guest image cached under cache/guest/).
 vm-test: .venv/.installed
-	.venv/bin/python -m pytest -q -rs tests/vm/test_e2e_root.py tests/vm/test_e2e_scenarios.py $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -q -rs tests/vm/test_e2e_root.py $(PYTEST_ARGS)
 
 demo: apt .venv/.installed
 	.venv/bin/python demo/run.py

@@ -4,17 +4,20 @@ OVMF + swtpm + Debian's shim + UKIs of systemd-stub 252 and a dracut initramfs, 
 command line: systemd-gpt-auto-generator finds the root by its type GUID and systemd-cryptsetup
 252 unlocks it with the systemd-tpm2 token (tests/vm/guest/rootimage.py).  The product was
 installed from its RPM in the guest and the first token enrolled by systemd-cryptenroll at the
-first boot, with the passphrase typed on the console (tests/vm/guest/rootfirstboot.py).
+first boot, with the passphrase typed on the console (tests/vm/guest/firstboot.py).
 
 Every fact comes from outside the product: the console (a passphrase prompt means no token
 unlocked the root), findmnt and cryptsetup status for the root's mapping, /proc/cmdline for
 the kernel, efibootmgr for the variables, luksDump for tokens.
 """
 
+import base64
+import subprocess
+
 import pytest
 
-from tests.vm.guest.rootfirstboot import ROOT_MARKER_FILE, enrolled_root_snapshot
-from tests.vm.guest.rootimage import ROOT_LUKS_DEVICE, ROOT_MAPPING, RootImage, build_root_image, initramfs_listing
+from tests.vm.guest.firstboot import enrolled_root_snapshot
+from tests.vm.guest.rootimage import RootImage, build_root_image, initramfs_listing
 from tests.vm.guest.scenario import (CONFIRM_SERVICE, ESP_LINUX, PATH_UNIT, Machine, e2e_table,  # noqa: F401
                                      entry_for, require_prerequisites, staged_uki)
 from tests.vm.guest.vm import PASSPHRASE_PROMPT, PassphraseAsked
@@ -25,26 +28,10 @@ CRASH_ENV = "RHEL_CVM_UPDATE_CRASH_AT"
 SIGKILL_RC = -9
 
 
-class RootMachine(Machine):
-    luks_device = ROOT_LUKS_DEVICE
-
-    def assert_unlocked(self, uki: str) -> None:
-        """This boot runs ``uki``, its root is the LUKS2 mapping the initrd opened, nobody typed a
-        passphrase (wait_boot fails at a prompt) and the root is the snapshot's."""
-        booted = self.booted_uki()
-        assert booted == uki, "booted UKI %s, expected %s" % (booted, uki)
-        assert PASSPHRASE_PROMPT not in self.vm.console_since_boot()
-        source = self.vm.check(["findmnt", "-n", "-o", "SOURCE", "/"]).stdout.strip()
-        assert source == "/dev/mapper/" + ROOT_MAPPING, "the root is %s, not the LUKS2 mapping" % source
-        status = self.vm.check(["cryptsetup", "status", ROOT_MAPPING]).stdout
-        assert "type:    LUKS2" in status and "/dev/vda2" in status, status
-        assert self.vm.check(["cat", ROOT_MARKER_FILE]).stdout == self.snapshot.marker
-
-
 def root_machine(tmp_path, secure_boot: bool = False):
     require_prerequisites()
     image = build_root_image()
-    return image, RootMachine(image, enrolled_root_snapshot(image, secure_boot), tmp_path / "vm")
+    return image, Machine(image, enrolled_root_snapshot(image, secure_boot), tmp_path / "vm")
 
 
 def test_initramfs_is_dracuts_with_the_token_plugin(tmp_path):
@@ -201,12 +188,12 @@ def test_root_power_cuts(tmp_path, e2e_table):  # noqa: F811
 SHIM_LOCK_GUID = "605dab50-e046-4300-abb6-3dd810dd8b23"
 
 
-def pcr(machine: RootMachine, index: int) -> str:
+def pcr(machine: Machine, index: int) -> str:
     """The TPM's sha256 PCR ``index`` now, as the guest kernel reads it."""
     return machine.vm.check(["cat", "/sys/class/tpm/tpm0/pcr-sha256/%d" % index]).stdout.strip().lower()
 
 
-def update_from_rpm_and_reboot(machine: RootMachine, rpm: str, uki: str) -> None:
+def update_from_rpm_and_reboot(machine: Machine, rpm: str, uki: str) -> None:
     """`rpm -U` an update package; its file trigger (or the path unit) runs the update.  Then
     the next boot's root must unlock in the initrd with the token sealed for it, and confirm
     must accept that boot."""
@@ -223,10 +210,23 @@ def update_from_rpm_and_reboot(machine: RootMachine, rpm: str, uki: str) -> None
     machine.assert_unlocked(uki)
     confirm = machine.unit_state(CONFIRM_SERVICE)
     assert confirm["Result"] == "success" and confirm["ExecMainStatus"] == "0", confirm
-    machine.wait_update_idle()
+    machine.wait_update_idle()  # confirm's BOOTX64.CSV write starts one update run
     status = machine.status()
     assert status["exit_code"] == 0, status["attention"]
     assert any(t["matches_current_boot"] for t in status["tokens"]), status["tokens"]
+    facts = machine.efibootmgr()
+    assert facts["BootOrder"][0] == facts["BootCurrent"] and facts.get("BootNext") is None, facts
+    assert "uki-%s.efi" % uki in machine.fallback_csv()
+
+
+def pcr7_authorities(machine: Machine, work) -> int:
+    """EV_EFI_VARIABLE_AUTHORITY events in PCR7 of the guest's event log, by tpm2_eventlog."""
+    log = base64.b64decode(machine.vm.check(["base64", "-w0", "/sys/kernel/security/tpm0/binary_bios_measurements"]
+                                            ).stdout)
+    (work / "eventlog.bin").write_bytes(log)
+    parsed = subprocess.run(["tpm2_eventlog", str(work / "eventlog.bin")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, check=True).stdout.decode()
+    return len([e for e in parsed.split("- EventNum:")[1:] if "EV_EFI_VARIABLE_AUTHORITY" in e and "PCRIndex: 7" in e])
 
 
 def test_root_secure_boot_kernel_and_shim_updates(tmp_path, e2e_table):  # noqa: F811
@@ -239,6 +239,7 @@ def test_root_secure_boot_kernel_and_shim_updates(tmp_path, e2e_table):  # noqa:
             assert vm.check(["od", "-An", "-tu1", "-j4",
                              "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"]
                             ).stdout.split() == ["1"], "Secure Boot is off"
+            assert pcr7_authorities(machine, tmp_path) >= 2, "PCR7 lacks the db authority events of shim and the UKI"
             update_from_rpm_and_reboot(machine, image.guest_rpm("b"), "b")
         with e2e_table.scenario(machine, "root: SB on, shim re-signed by the db key (PCR7 only changes)"):
             before = {i: pcr(machine, i) for i in (4, 7)}

@@ -1,17 +1,17 @@
-"""First boot of the e2e guest: enrol the LUKS2 volume to this boot's PCRs, as Azure leaves it.
+"""First boot of the root guest: what an admin (or Azure's conversion) does once.
 
-The image's data volume has only a recovery passphrase.  On the first boot the harness, through
-the agent, runs what a first-boot conversion runs inside the VM:
+1. The root has only its recovery passphrase: the initrd's systemd-cryptsetup asks for it on
+   the serial console, and the harness types it there.
+2. The product is installed from its RPM (``make rpm`` with Debian's Python path), with
+   ``rpm -i --nodeps`` inside the guest: its own scriptlets, preset, file triggers and units run.
+3. ``systemd-cryptenroll --tpm2-device=auto --tpm2-pcrs=4+7`` enrols the root's first token
+   against this boot's PCRs; a marker file only this snapshot knows goes on the root.
 
-    systemd-cryptenroll --tpm2-device=auto --tpm2-pcrs=4+7 /dev/disk/by-partlabel/cvmdata
-
-then lets systemd-cryptsetup unlock the volume with that token (crypttab: tpm2-device=auto,
-headless), makes a file system on it and leaves a marker file whose content only this
-snapshot knows.  The powered-off machine (disk overlay, UEFI variables, TPM state, marker) is
-cached per image and firmware mode, so every scenario starts from a freshly enrolled machine
-without paying for the first boot again.
+The powered-off machine (disk overlay, UEFI variables, swtpm state) is cached per root image,
+product and firmware mode.
 """
 
+import base64
 import json
 import os
 import secrets
@@ -21,13 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict
 
-from tests.vm.guest.image import (DATA_MAPPING, DATA_MOUNT, LUKS_DEVICE, RECOVERY_KEY_FILE, GuestImage,
-                                  locked, run)
-from tests.vm.guest.vm import GuestVm
+from tests.vm.guest.image import (REPO_ROOT, RECOVERY_PASSPHRASE, digest, guest_cache, locked, product_sources,
+                                  product_units, run)
+from tests.vm.guest.rootimage import ROOT_LUKS_DEVICE, RootImage
+from tests.vm.guest.vm import PASSPHRASE_PROMPT, GuestVm
 
-MARKER_FILE = DATA_MOUNT + "/marker"
-CRYPTSETUP_UNIT = "systemd-cryptsetup@%s.service" % DATA_MAPPING
-DATA_MOUNT_UNIT = DATA_MOUNT.strip("/").replace("/", "-") + ".mount"
+ROOT_MARKER_FILE = "/var/lib/e2e-marker"
+# Debian's python3 looks in dist-packages; RHEL's python3-rpm-macros would give site-packages.
+GUEST_RPM_DEFINES = '--define "python3_sitelib /usr/lib/python3/dist-packages"'
+PRODUCT_INPUTS = ("rpm", "hooks", "man", "completion")
 
 
 @dataclass(frozen=True)
@@ -50,40 +52,60 @@ class Snapshot:
         return self.directory / "tpm"
 
 
-def enrolled_snapshot(image: GuestImage, secure_boot: bool) -> Snapshot:
-    directory = image.directory / ("enrolled-%s" % ("sb-on" if secure_boot else "sb-off"))
+def product_key() -> str:
+    extra = sorted(p for d in PRODUCT_INPUTS for p in (REPO_ROOT / d).rglob("*") if p.is_file())
+    paths = product_sources() + product_units() + extra + [REPO_ROOT / "pyproject.toml", REPO_ROOT / "Makefile"]
+    return digest(*[str(p.relative_to(REPO_ROOT)) for p in paths], *paths)
+
+
+def product_rpm() -> Path:
+    """The product's RPM, built by ``make rpm`` for the guest's Python; cached by its inputs."""
+    topdir = guest_cache() / ("product-rpm-" + product_key())
+    with locked(topdir):
+        built = sorted((topdir / "RPMS/noarch").glob("rhel-cvm-update-*.rpm")) if topdir.is_dir() else []
+        if not built:
+            subprocess.run(["make", "-s", "rpm", "RPM_TOPDIR=%s" % topdir, "RPM_DEFINES=%s" % GUEST_RPM_DEFINES],
+                           cwd=str(REPO_ROOT), check=True, stdout=subprocess.DEVNULL)
+            built = sorted((topdir / "RPMS/noarch").glob("rhel-cvm-update-*.rpm"))
+    return built[-1]
+
+
+def copy_to_guest(vm: GuestVm, source: Path, target: str) -> None:
+    vm.check(["sh", "-c", 'base64 -d > "$1"', "sh", target], stdin=base64.b64encode(source.read_bytes()).decode())
+
+
+def enrolled_root_snapshot(image: RootImage, secure_boot: bool) -> Snapshot:
+    rpm = product_rpm()
+    directory = image.directory / ("enrolled-%s-%s" % ("sb-on" if secure_boot else "sb-off", product_key()))
     with locked(directory):
         if not snapshot_complete(directory):
             shutil.rmtree(directory, ignore_errors=True)
-            _first_boot(image, secure_boot, directory)
+            _first_boot(image, secure_boot, rpm, directory)
     record = json.loads((directory / "snapshot.json").read_text())
     return Snapshot(directory, secure_boot, record["marker"], record["first_boot_seconds"])
 
 
-def _first_boot(image: GuestImage, secure_boot: bool, directory: Path) -> None:
+def _first_boot(image: RootImage, secure_boot: bool, rpm: Path, directory: Path) -> None:
     work = directory.with_name(directory.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     vm = GuestVm.create(image, work, secure_boot)
     try:
-        vm.start()
-        # Before enrolment the volume has no token: headless systemd-cryptsetup must have failed.
-        state = vm.run(["systemctl", "is-active", CRYPTSETUP_UNIT]).stdout.strip()
-        if state == "active":
-            raise AssertionError("the data volume unlocked before any TPM enrolment")
-        vm.check(["systemd-cryptenroll", "--tpm2-device=auto", "--tpm2-pcrs=4+7", LUKS_DEVICE],
-                 env={"PASSWORD": _guest_passphrase(vm)})
-        vm.check(["systemctl", "reset-failed", CRYPTSETUP_UNIT])
-        vm.check(["systemctl", "start", CRYPTSETUP_UNIT], timeout=180)
-        vm.check(["mkfs.ext4", "-q", "-L", "data", "/dev/mapper/" + DATA_MAPPING], timeout=180)
-        vm.check(["systemctl", "start", DATA_MOUNT_UNIT])
+        vm.start(wait=False)
+        vm.wait_console(PASSPHRASE_PROMPT)
+        vm.type_on_console(RECOVERY_PASSPHRASE)
+        vm.wait_boot(None)
+        copy_to_guest(vm, rpm, "/root/" + rpm.name)
+        vm.check(["rpm", "-i", "--nodeps", "/root/" + rpm.name], timeout=300)
+        vm.check(["systemd-cryptenroll", "--tpm2-device=auto", "--tpm2-pcrs=4+7", ROOT_LUKS_DEVICE],
+                 env={"PASSWORD": RECOVERY_PASSPHRASE}, timeout=300)
         marker = secrets.token_hex(16)
-        vm.check(["sh", "-c", 'printf %s "$1" > "$2" && sync', "sh", marker, MARKER_FILE])
+        vm.check(["sh", "-c", 'printf %s "$1" > "$2" && sync', "sh", marker, ROOT_MARKER_FILE])
         seconds = vm.boots[0].seconds
         vm.poweroff()
     except BaseException:
         vm.close()
         raise
-    save_snapshot(work, directory, {"marker": marker, "first_boot_seconds": seconds})
+    save_snapshot(work, directory, {"marker": marker, "first_boot_seconds": seconds, "product_rpm": rpm.name})
 
 
 def snapshot_complete(directory: Path) -> bool:
@@ -109,8 +131,3 @@ def save_snapshot(work: Path, directory: Path, record: Dict[str, object]) -> Non
     run(["qemu-img", "rebase", "-u", "-F", info["backing-filename-format"], "-b", backing, overlay])
     (directory / "snapshot.json").write_text(json.dumps(record))
     shutil.rmtree(work, ignore_errors=True)
-
-
-def _guest_passphrase(vm: GuestVm) -> str:
-    """The recovery passphrase from the key file the image put into the guest."""
-    return vm.check(["cat", RECOVERY_KEY_FILE]).stdout

@@ -28,7 +28,7 @@ Secure Boot on, where the image's own db key is enrolled beside Microsoft's CAs)
 
 The root is encrypted offline (``cryptsetup reencrypt --encrypt`` on the partition image: no
 device-mapper on the host) with the recovery passphrase only; the first boot
-(``rootfirstboot.py``) types that passphrase on the serial console, installs the product from
+(``firstboot.py``) types that passphrase on the serial console, installs the product from
 its RPM and enrols the first token.  The product is not in this image, so a change to it
 repeats only the first boot.
 """
@@ -64,6 +64,7 @@ CMDLINE = "console=ttyS0,115200 rw panic=5 rhel_cvm_update.uki=%s"
 BAD_CMDLINE_EXTRA = " rdinit=/sbin/no-such-init"
 ROOT_PARTLABEL = "root"
 ROOT_LUKS_DEVICE = "/dev/disk/by-partlabel/" + ROOT_PARTLABEL
+ROOT_PARTITION = "/dev/vda2"        # the same partition, as cryptsetup status names it
 # The name systemd-gpt-auto-generator gives the root's mapping (systemd-cryptsetup@root.service).
 ROOT_MAPPING = "root"
 # Room for the LUKS2 header (16 MiB) that offline encryption puts in front of the data.
