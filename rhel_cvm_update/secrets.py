@@ -116,6 +116,40 @@ class Secret:
             wipe(chunk)
         return Secret(out)
 
+    @classmethod
+    def from_base64(cls, text: bytearray) -> "Secret":
+        """Decode standard base64 (padding optional, no whitespace) from a bytearray without
+        an immutable copy (``base64.b64decode`` returns bytes).  ValueError if it is not."""
+        values = bytearray(len(text))
+        n = 0
+        try:
+            for ch in text:
+                if ch == ord("="):
+                    break
+                index = _B64_ALPHABET.find(bytes((ch,)))
+                if index < 0:
+                    raise ValueError("not base64")
+                values[n] = index
+                n += 1
+            if any(ch != ord("=") for ch in text[n:]) or n % 4 == 1 or len(text) - n > 2:
+                raise ValueError("not base64")
+            out = bytearray(n * 3 // 4)
+            o = 0
+            for i in range(0, n, 4):
+                group = values[i:min(i + 4, n)]
+                acc = 0
+                for v in group:
+                    acc = (acc << 6) | v
+                acc <<= 6 * (4 - len(group))
+                for k in range(len(group) - 1):
+                    out[o] = (acc >> (16 - 8 * k)) & 0xFF
+                    o += 1
+                wipe(group)
+                acc = 0
+            return cls(out)
+        finally:
+            wipe(values)
+
     def wipe(self) -> None:
         if self._data is not None:
             wipe(self._data)
