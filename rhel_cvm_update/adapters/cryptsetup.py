@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import subprocess
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from rhel_cvm_update.errors import ExternalToolError, MachineError
 from rhel_cvm_update.formats.luks2_header import BINARY_SIZE, check_luks2_magic, header_size, read_json_area
@@ -160,6 +160,27 @@ class Cryptsetup:
 
     def remove_token(self, token_id: int) -> None:
         self._run(["token", "remove", "--token-id", str(token_id), self.device])
+
+    def resize(self, mapping: str, key: "Secret") -> None:
+        """``cryptsetup resize`` of the open mapping to its grown device; LUKS2 with the volume
+        key in the kernel keyring needs a passphrase for it, given on stdin."""
+        key_fd = _pipe_with(key.data)
+        try:
+            self._run(["resize", "--key-file=-", mapping], stdin=key_fd)
+        finally:
+            os.close(key_fd)
+
+    def mapping_sectors(self, mapping: str) -> Tuple[int, int]:
+        """(data offset, size) of an open mapping in 512-byte sectors (``cryptsetup status``)."""
+        out = self._run(["status", mapping]).stdout.decode("utf-8", "replace")
+        values = {}
+        for line in out.splitlines():
+            key, _, value = line.strip().partition(":")
+            if key in ("offset", "size") and value.strip().endswith("sectors"):
+                values[key] = int(value.split()[0])
+        if len(values) != 2:
+            raise MachineError(f"cryptsetup status {mapping}: no offset and size in {out.strip()[:200]!r}")
+        return values["offset"], values["size"]
 
     def kill_keyslot(self, slot: int) -> None:
         """Batch mode (-q) removes the slot without asking for another slot's passphrase."""
