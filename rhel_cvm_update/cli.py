@@ -15,7 +15,8 @@ from typing import List, Optional
 from rhel_cvm_update import __version__
 from rhel_cvm_update.errors import CvmUpdateError
 
-COMMAND_MODULES = ("inspect", "eventlog", "predict", "reseal", "enroll", "boot", "update", "confirm", "status", "config")
+COMMAND_MODULES = ("inspect", "eventlog", "predict", "reseal", "enroll", "boot", "update", "confirm", "status", "config",
+                   "grow-root")
 
 
 def _global_options(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +27,7 @@ def _global_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     """The whole parser; ``only``: with just that command's sub-parser (a command started
-    imports and builds nothing of the nine others)."""
+    imports and builds nothing of the others)."""
     parser = argparse.ArgumentParser(
         prog="rhel-cvm-update",
         description="Keep a vTPM-unlocked LUKS2 root disk unlocking across UKI kernel updates.")
@@ -35,7 +36,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES if only is None else (only,):
-        importlib.import_module(f"rhel_cvm_update.commands.{name}").register(sub)
+        importlib.import_module(f"rhel_cvm_update.commands.{name.replace('-', '_')}").register(sub)
     return parser
 
 

@@ -224,6 +224,9 @@ def collect_status(config) -> Dict[str, Any]:
     if staged and staged.entry is not None and boot["boot_next"] != f"Boot{staged.entry:04X}":
         attention.append(f"{staged.uki} is staged but BootNext does not name it; run 'rhel-cvm-update update'")
 
+    from rhel_cvm_update.growroot import attention as grow_root_attention
+
+    attention.extend(grow_root_attention(config, header.keyslots if header is not None else None))
     exit_code = EXIT_ERROR if errors else (EXIT_ATTENTION if attention else EXIT_OK)
     return {
         "exit_code": exit_code,
