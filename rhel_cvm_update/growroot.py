@@ -103,6 +103,9 @@ class GrowState:
         self.device: Optional[str] = data.get("device") if isinstance(data.get("device"), str) else None
 
     def save(self) -> None:
+        from rhel_cvm_update.trust import ensure_trusted_dir
+
+        ensure_trusted_dir(os.path.dirname(self.path), "state directory")
         write_json_atomically(self.path, {"version": 1, "pending": self.pending, "fs_grown_at": self.fs_grown_at,
                                           "keyfile_slot": self.keyfile_slot, "device": self.device,
                                           "updated": now()})
