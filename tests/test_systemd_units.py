@@ -12,8 +12,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS_DIR = REPO / "systemd"
-UNITS = ("rhel-cvm-update.path", "rhel-cvm-update.service", "rhel-cvm-update-confirm.service")
-SERVICES = ("rhel-cvm-update.service", "rhel-cvm-update-confirm.service")
+UNITS = ("rhel-cvm-update.path", "rhel-cvm-update.service", "rhel-cvm-update-confirm.service",
+         "rhel-cvm-update-grow-root.service")
+SERVICES = ("rhel-cvm-update.service", "rhel-cvm-update-confirm.service", "rhel-cvm-update-grow-root.service")
 HOST_UNITS = Path("/lib/systemd/system")
 MAX_EXPOSURE = 4.0
 
@@ -128,3 +129,11 @@ def test_confirm_unit_has_the_same_sandbox_as_the_update_service():
         service = text[text.index("StateDirectory="):]
         return service.split("\n[Install]")[0].strip().splitlines()
     assert sandbox_lines("rhel-cvm-update-confirm.service") == sandbox_lines("rhel-cvm-update.service")
+
+
+def test_grow_root_unit_runs_early_only_when_there_is_work():
+    text = (UNITS_DIR / "rhel-cvm-update-grow-root.service").read_text()
+    assert re.search(r"^ExecCondition=/usr/bin/rhel-cvm-update grow-root --check$", text, re.M)
+    assert re.search(r"^ExecStart=/usr/bin/rhel-cvm-update grow-root$", text, re.M)
+    assert re.search(r"^Before=.*\bcloud-init\.service\b", text, re.M)
+    assert re.search(r"^DefaultDependencies=no$", text, re.M) and re.search(r"^Conflicts=shutdown.target$", text, re.M)

@@ -24,6 +24,7 @@ DESIGN_FILES = {
     "/usr/lib/systemd/system/rhel-cvm-update.path": 0o644,
     "/usr/lib/systemd/system/rhel-cvm-update.service": 0o644,
     "/usr/lib/systemd/system/rhel-cvm-update-confirm.service": 0o644,
+    "/usr/lib/systemd/system/rhel-cvm-update-grow-root.service": 0o644,
     "/usr/lib/systemd/system-preset/80-rhel-cvm-update.preset": 0o644,
     "/usr/lib/systemd/catalog/rhel-cvm-update.catalog": 0o644,
     HOOK: 0o755,
@@ -203,11 +204,11 @@ def test_rpm_in_an_installroot_does_not_update(project_rpm, tmp_path):
     assert _runs(root) == []
 
 
-def test_preset_enables_the_path_and_confirm_units(project_rpm, tmp_path):
+def test_preset_enables_the_path_confirm_and_grow_root_units(project_rpm, tmp_path):
     """What %systemd_post does on a first install (systemctl preset), offline on the
-    installed tree with systemd's own systemctl: the path unit and the confirm service are
-    enabled where their [Install] sections say; the update service is only started by the
-    path unit."""
+    installed tree with systemd's own systemctl: the path unit, the confirm service and the
+    grow-root service are enabled where their [Install] sections say; the update service is
+    only started by the path unit."""
     require("systemctl")
     root = tmp_path / "root"
     installed = run(["rpm", "-i", "--root", str(root), "--dbpath", "/var/lib/rpm", "--nodeps", "--noscripts",
@@ -215,11 +216,13 @@ def test_preset_enables_the_path_and_confirm_units(project_rpm, tmp_path):
     assert installed.returncode == 0, installed.stderr
     # Everything not named by a preset stays disabled, as on RHEL (90-default.preset).
     (root / "usr/lib/systemd/system-preset/99-default-disable.preset").write_text("disable *\n")
-    units = ["rhel-cvm-update.path", "rhel-cvm-update.service", "rhel-cvm-update-confirm.service"]
+    units = ["rhel-cvm-update.path", "rhel-cvm-update.service", "rhel-cvm-update-confirm.service",
+             "rhel-cvm-update-grow-root.service"]
     preset = run(["systemctl", "--root", str(root), "preset"] + units)
     assert preset.returncode == 0, preset.stderr
     wants = root / "etc/systemd/system"
     assert (wants / "paths.target.wants" / "rhel-cvm-update.path").is_symlink()
     assert (wants / "multi-user.target.wants" / "rhel-cvm-update-confirm.service").is_symlink()
+    assert (wants / "multi-user.target.wants" / "rhel-cvm-update-grow-root.service").is_symlink()
     enabled = {p.name for p in wants.rglob("*") if p.is_symlink()}
-    assert enabled == {"rhel-cvm-update.path", "rhel-cvm-update-confirm.service"}
+    assert enabled == {"rhel-cvm-update.path", "rhel-cvm-update-confirm.service", "rhel-cvm-update-grow-root.service"}
