@@ -7,7 +7,7 @@ _rhel_cvm_update()
     local cur prev words cword
     _init_completion || return
 
-    local commands="inspect eventlog predict reseal enroll boot update confirm status config"
+    local commands="inspect eventlog predict reseal enroll boot update confirm status config grow-root"
     local global_opts="--config --version --help -h"
 
     # The first word that is not an option (or an option's value) is the command.
@@ -70,6 +70,7 @@ _rhel_cvm_update()
         enroll)   opts="--from-tpm2-import --dry-run --json" ;;
         update)   opts="--settle --no-wait --json" ;;
         confirm)  opts="--no-wait --json" ;;
+        grow-root) opts="--dry-run --json --check" ;;
         status)   opts="--json" ;;
         boot)
             case "$subcommand" in
