@@ -17,6 +17,7 @@ import subprocess
 import pytest
 
 from tests.vm.guest.firstboot import enrolled_root_snapshot
+from tests.vm.guest.image import RECOVERY_KEY_FILE
 from tests.vm.guest.rootimage import RootImage, build_root_image, initramfs_listing
 from tests.vm.guest.scenario import (CONFIRM_SERVICE, ESP_LINUX, PATH_UNIT, Machine, e2e_table,  # noqa: F401
                                      entry_for, require_prerequisites, staged_uki)
@@ -253,5 +254,68 @@ def test_root_secure_boot_kernel_and_shim_updates(tmp_path, e2e_table):  # noqa:
             assert after[4] != before[4], (before, after)
             level = vm.check(["cat", "/sys/firmware/efi/efivars/SbatLevelRT-" + SHIM_LOCK_GUID]).stdout
             assert "2026050100" in level, "shim did not apply its newer SbatLevel: %r" % level
+    finally:
+        machine.close()
+
+
+GROW_SERVICE = "rhel-cvm-update-grow-root.service"
+GROW_MIB = 256
+KEYFILE = "/cc_growpart_keydata"
+KEYFILE_SLOT = 5
+
+
+def root_bytes(machine: Machine) -> int:
+    """The root filesystem's size as the kernel reports it (findmnt, bytes)."""
+    return int(machine.vm.check(["findmnt", "-b", "-n", "-o", "SIZE", "/"]).stdout)
+
+
+def test_root_grows_into_an_enlarged_disk_and_retires_the_key_file(tmp_path, e2e_table):  # noqa: F811
+    """What Azure does to a CVM image smaller than its disk: cloud-init's key file and its
+    keyslot, made at image-encryption time, and a disk enlarged between two boots.  At the next
+    boot the grow-root unit grows partition, mapping and ext4 with the TPM token's key, kills
+    the key file's keyslot and removes the file; the next boot still unlocks unattended."""
+    image, machine = root_machine(tmp_path)
+    vm = machine.vm
+    try:
+        with e2e_table.scenario(machine, "root: grow-root after qemu-img resize, key file gone, unlocks"):
+            vm.start()
+            machine.assert_unlocked("a")
+            # No free space and no key file: the unit's condition skips it.
+            grow = machine.unit_state(GROW_SERVICE)
+            assert grow["Result"] == "success" and grow["ExecMainStatus"] == "0", grow
+            vm.check(["sh", "-c", "head -c 32 /dev/urandom > /run/growpart.key"])
+            vm.check(["cryptsetup", "luksAddKey", "--batch-mode", "--key-slot", str(KEYFILE_SLOT),
+                      "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", RECOVERY_KEY_FILE,
+                      machine.luks_device, "/run/growpart.key"], timeout=300)
+            vm.check(["python3", "-c", "import base64, json, sys; key = open('/run/growpart.key', 'rb').read(); "
+                      "open(sys.argv[1], 'w').write(json.dumps({'key': base64.b64encode(key).decode(), "
+                      "'slot': int(sys.argv[2])}))", KEYFILE, str(KEYFILE_SLOT)])
+            vm.check(["sync"])
+            before = root_bytes(machine)
+            assert str(KEYFILE_SLOT) in machine.luks_keyslots()
+            vm.poweroff()
+            subprocess.run(["qemu-img", "resize", "-q", str(vm.work / "disk.qcow2"), "+%dM" % GROW_MIB], check=True)
+            try:
+                vm.start()
+            except PassphraseAsked:
+                pytest.fail("the root did not unlock on the enlarged disk: %s" % vm.serial_tail())
+            machine.assert_unlocked("a")
+            grow = machine.unit_state(GROW_SERVICE)
+            journal = vm.run(["journalctl", "-b", "-u", GROW_SERVICE, "--no-pager"]).stdout[-3000:]
+            assert grow["Result"] == "success" and grow["ExecMainStatus"] == "0", (grow, journal)
+            after = root_bytes(machine)
+            assert after - before > (GROW_MIB - 8) << 20, (before, after, journal)
+            assert vm.run(["test", "-e", KEYFILE]).rc != 0, "%s is still there" % KEYFILE
+            assert str(KEYFILE_SLOT) not in machine.luks_keyslots(), machine.luks_keyslots()
+            status = machine.status()
+            assert status["exit_code"] == 0, status["attention"]
+            again = vm.check(["rhel-cvm-update", "grow-root", "--json"]).json()
+            assert again["outcome"] == "nothing-to-do", again
+            try:
+                vm.reboot()
+            except PassphraseAsked:
+                pytest.fail("the grown root did not unlock at the next boot: %s" % vm.serial_tail())
+            machine.assert_unlocked("a")
+            assert root_bytes(machine) == after
     finally:
         machine.close()
