@@ -8,17 +8,14 @@ view to update.
 
 import dataclasses
 import fcntl
-import logging
 import os
 import re
 import stat
 import struct
-import subprocess
 from typing import List, Optional, Sequence, Tuple
 
-from rhel_cvm_update.errors import ExternalToolError, MachineError, UnsupportedError
-
-log = logging.getLogger(__name__)
+from rhel_cvm_update.adapters.process import run_tool
+from rhel_cvm_update.errors import MachineError, UnsupportedError
 
 SYS_DEV_BLOCK = "/sys/dev/block"
 MOUNTINFO = "/proc/self/mountinfo"
@@ -44,17 +41,7 @@ class RootLayout:
 
 
 def run(argv: Sequence[str], *, stdin: Optional[int] = None, timeout: int = 600) -> str:
-    log.debug("+ %s", " ".join(argv))
-    try:
-        result = subprocess.run(list(argv), stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                timeout=timeout)
-    except FileNotFoundError:
-        raise MachineError(f"{argv[0]} is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise ExternalToolError(argv, -1, f"timed out after {timeout} s") from None
-    if result.returncode != 0:
-        raise ExternalToolError(argv, result.returncode, result.stderr.decode("utf-8", "replace"))
-    return result.stdout.decode("utf-8", "replace")
+    return run_tool(argv, stdin=stdin, timeout=timeout).stdout.decode("utf-8", "replace")
 
 
 def _sysfs(device: str) -> str:

@@ -7,19 +7,17 @@ in a file, argv or the environment.  Works on block devices and on plain image f
 """
 
 import json
-import logging
 import os
 import subprocess
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from rhel_cvm_update.errors import ExternalToolError, MachineError
+from rhel_cvm_update.adapters.process import run_tool
+from rhel_cvm_update.errors import MachineError
 from rhel_cvm_update.formats.luks2_header import BINARY_SIZE, check_luks2_magic, header_size, read_json_area
 from rhel_cvm_update.formats.luks_token import LuksMetadata
 
 if TYPE_CHECKING:  # only annotations here; importing secrets loads libc through ctypes
     from rhel_cvm_update.secrets import Secret
-
-log = logging.getLogger(__name__)
 
 CRYPTSETUP = "cryptsetup"
 # GPT partition type of the x86-64 root partition (Discoverable Partitions Specification).
@@ -80,19 +78,8 @@ class Cryptsetup:
 
     def _run(self, argv: Sequence[str], *, stdin: Optional[int] = None, input_bytes: Optional[bytes] = None,
              pass_fds: Sequence[int] = (), ok_codes: Sequence[int] = (0,)) -> subprocess.CompletedProcess:
-        full = [CRYPTSETUP, *argv]
-        log.debug("+ %s", " ".join(full))
-        try:
-            result = subprocess.run(full, stdin=stdin if input_bytes is None else None, input=input_bytes,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=tuple(pass_fds),
-                                    timeout=300)
-        except FileNotFoundError:
-            raise MachineError("cryptsetup is not installed") from None
-        except subprocess.TimeoutExpired:
-            raise ExternalToolError(full, -1, "timed out after 300 s") from None
-        if result.returncode not in ok_codes:
-            raise ExternalToolError(full, result.returncode, result.stderr.decode("utf-8", "replace"))
-        return result
+        return run_tool([CRYPTSETUP, *argv], stdin=stdin, input_bytes=input_bytes, pass_fds=pass_fds,
+                        ok_codes=ok_codes, timeout=300)
 
     def _read(self, size: int) -> bytes:
         try:
