@@ -25,7 +25,7 @@ import contextlib
 import os
 from typing import Any, Callable, Dict, List, Optional
 
-from rhel_cvm_update.errors import MachineError, UnsupportedError
+from rhel_cvm_update.errors import CvmUpdateError, MachineError, UnsupportedError
 from rhel_cvm_update.journal import now, read_json, write_json_atomically
 
 KEYFILE = "/cc_growpart_keydata"
@@ -297,7 +297,7 @@ def attention(config, keyslots, keyfile_path: str = KEYFILE) -> List[str]:
                      "'rhel-cvm-update grow-root' to retire it and its keyslot")
     try:
         state = GrowState(config.state_dir)
-    except Exception as e:  # noqa: BLE001 - a damaged file is reported, not fatal for status
+    except CvmUpdateError as e:  # a damaged or untrusted file is reported, not fatal for status
         return found + [f"{os.path.join(config.state_dir, STATE_FILE)}: {e}"]
     if state.pending:
         found.append(f"an interrupted grow-root (at {state.pending}); run 'rhel-cvm-update grow-root' to finish it")

@@ -71,7 +71,7 @@ def _esp_shim(config) -> Tuple[Optional[str], Optional[str], Optional[str]]:
     None, why it cannot be read)."""
     # Only the digests: measure_image would also parse the signature (PKCS#7 through the
     # `cryptography` package, a third of status's start-up) for nothing.
-    from rhel_cvm_update.formats.authenticode import authenticode_digest, signature_digest
+    from rhel_cvm_update.formats.authenticode import authenticode_digests, signature_digest
     from rhel_cvm_update.formats.pe import PEImage
     from rhel_cvm_update.mapped import mapped_file
     from rhel_cvm_update.predict import shim_path
@@ -80,7 +80,8 @@ def _esp_shim(config) -> Tuple[Optional[str], Optional[str], Optional[str]]:
     try:
         with mapped_file(path) as buf:
             image = PEImage.parse(buf, path)
-            return authenticode_digest(buf, "sha256", path).hex(), signature_digest(buf, path, image), None
+            digest = authenticode_digests(buf, ("sha256",), path, image)["sha256"]
+            return digest.hex(), signature_digest(buf, path, image), None
     except (CvmUpdateError, OSError) as e:
         return None, None, f"cannot read the shim {path}: {e}"
 
