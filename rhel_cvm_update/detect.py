@@ -114,7 +114,7 @@ def detect(machine: Machine, journal: Journal) -> Detected:
     applications = _log_application_digests(config)
     shim = shim_path(config)
     shim_digest = machine.digest(shim)
-    shim_signature = machine.signature(shim)
+    shim_signature = file_signature_digest(shim)
     policy = live_policy(config, live)
     booted_key, booted_signature = (_booted_shim_signature(journal, config.state_dir, policy, applications,
                                                            shim_digest, shim_signature)

@@ -76,13 +76,9 @@ class Machine:
 
         return image_digests(path, self.banks if all_banks else ("sha256",), self.digest_cache)[0]["sha256"].hex()
 
-    @staticmethod
-    def signature(path: str) -> str:
-        """The signature digest of a PE file (formats.authenticode.signature_digest)."""
-        return file_signature_digest(path)
-
 
 def file_signature_digest(path: str) -> str:
+    """The signature digest of a PE file (formats.authenticode.signature_digest)."""
     from rhel_cvm_update.formats.authenticode import signature_digest
     from rhel_cvm_update.mapped import mapped_file
 
